@@ -1,0 +1,58 @@
+"""Which local handler or upstream path a request target goes to.
+
+Pure: (method, target) → Route. Accepts origin-form and absolute-form targets (RFC 9112
+§3.2); rejects dot segments so that nothing outside ``/api/v1/`` is reachable upstream.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+API_PREFIX = b"/api/v1/"
+_DOT_SEGMENTS = frozenset({b".", b"..", b"%2e", b"%2e%2e", b".%2e", b"%2e."})
+
+
+class RouteKind(enum.Enum):
+    FORWARD = "forward"
+    HEALTH = "health"
+    METRICS = "metrics"
+    METRICS_RAW = "metrics_raw"
+    NOT_FOUND = "not_found"
+    BAD_TARGET = "bad_target"
+
+
+LOCAL_ROUTES = {
+    b"/health": RouteKind.HEALTH,
+    b"/metrics": RouteKind.METRICS,
+    b"/metrics/raw": RouteKind.METRICS_RAW,
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: RouteKind
+    path: bytes = b""  # for FORWARD: the part after /api/v1, query included ("/chat/…?x=1")
+    public: bool = False
+
+    @property
+    def label(self) -> str:
+        """A bounded name for metrics and logs."""
+        return self.kind.value
+
+
+def route(target: bytes, public_endpoints: frozenset[bytes]) -> Route:
+    if target.startswith((b"http://", b"https://")):
+        # absolute-form: the authority is ours whatever it says; keep path and query
+        slash = target.find(b"/", target.index(b"//") + 2)
+        target = target[slash:] if slash >= 0 else b"/"
+    if not target.startswith(b"/") or b"#" in target:
+        return Route(RouteKind.BAD_TARGET)
+    path, _, _query = target.partition(b"?")
+    if any(seg.lower() in _DOT_SEGMENTS for seg in path.split(b"/")):
+        return Route(RouteKind.BAD_TARGET)
+    if path.startswith(API_PREFIX) and len(path) > len(API_PREFIX):
+        public = path.rstrip(b"/") in public_endpoints
+        return Route(RouteKind.FORWARD, target[len(API_PREFIX) - 1:], public)
+    kind = LOCAL_ROUTES.get(path.rstrip(b"/") or path)
+    return Route(kind) if kind else Route(RouteKind.NOT_FOUND)

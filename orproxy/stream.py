@@ -1,0 +1,206 @@
+"""The one place that touches sockets and TLS.
+
+``Stream`` is an asyncio Protocol read as a pull stream: ``read()`` returns whatever bytes
+have arrived (or waits for some, with a timeout), ``write()`` queues bytes, ``drain()``
+waits while the peer is slow. A Protocol rather than StreamReader/Writer saves a layer of
+buffering and a task wake-up per read. Reading pauses itself once ``READ_HIGH_WATER``
+bytes wait unread, so a fast sender cannot make us buffer without bound. Foreign
+exceptions (OSError, ssl errors, timeouts) become ``StreamClosed`` / ``StreamTimeout`` here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+
+from orproxy.errors import StreamClosed, StreamTimeout
+
+READ_HIGH_WATER = 256 * 1024
+WRITE_HIGH_WATER = 64 * 1024
+
+
+class Stream(asyncio.Protocol):
+    def __init__(self, on_made: Callable[[Stream], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._eof = False
+        self._lost: BaseException | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._on_made = on_made
+        # Called once when the peer sends EOF or the connection is lost: lets the owner
+        # notice a client that went away while nobody is reading.
+        self.on_peer_gone: Callable[[], None] | None = None
+
+    # --- asyncio.Protocol callbacks --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self._on_made is not None:
+            self._on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered >= READ_HIGH_WATER and not self._read_paused and self.transport:
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        self._peer_gone()
+        return True  # keep the write side open: the owner decides when to close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc or StreamClosed("connection closed")
+        self._eof = True
+        self._wake_reader()
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(StreamClosed("connection lost"))
+        self._peer_gone()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- the pull interface -----------------------------------------------------------------
+
+    async def read(self, timeout: float | None) -> bytes:
+        """Bytes received so far, waiting up to ``timeout`` for some; b"" at EOF."""
+        if not self._chunks and not self._eof:
+            waiter = self._loop.create_future()
+            self._read_waiter = waiter
+            timer = (self._loop.call_later(timeout, _expire, waiter, "read timed out")
+                     if timeout is not None else None)
+            try:
+                await waiter
+            finally:
+                self._read_waiter = None
+                if timer is not None:
+                    timer.cancel()
+        if not self._chunks:
+            return b""
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._read_paused and self.transport is not None and not self._lost:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self._lost is not None or transport.is_closing():
+            raise StreamClosed("write on a closed connection")
+        transport.write(data)
+
+    @property
+    def needs_drain(self) -> bool:
+        return self._write_paused
+
+    async def drain(self, timeout: float | None) -> None:
+        """Wait until the peer has taken enough of what was written."""
+        if self._lost is not None:
+            raise StreamClosed("connection lost")
+        if not self._write_paused:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiter = waiter
+        timer = (self._loop.call_later(timeout, _expire, waiter, "write timed out")
+                 if timeout is not None else None)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    @property
+    def is_closed(self) -> bool:
+        return self._lost is not None or self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        """Flush what was written, then close."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent bytes."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str,
+                        timeout: float) -> None:
+        """Upgrade this (plain, idle) connection to TLS, e.g. after a proxy tunnel."""
+        assert self.transport is not None and not self._chunks
+        try:
+            new = await self._loop.start_tls(self.transport, self, context,
+                                             server_hostname=server_hostname,
+                                             ssl_handshake_timeout=timeout)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            raise StreamClosed(f"TLS handshake failed: {exc}") from exc
+        assert isinstance(new, asyncio.Transport)
+        self.transport = new
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _wake_reader(self) -> None:
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _peer_gone(self) -> None:
+        callback, self.on_peer_gone = self.on_peer_gone, None
+        if callback is not None:
+            callback()
+
+
+def _expire(waiter: asyncio.Future[None], message: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(StreamTimeout(message))
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> Stream:
+    """Open a TCP (optionally TLS) connection; failures become StreamClosed/StreamTimeout."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            _, stream = await loop.create_connection(
+                Stream, host, port, ssl=tls,
+                server_hostname=server_hostname if tls else None,
+            )
+    except TimeoutError as exc:
+        raise StreamTimeout(f"connect to {host}:{port} timed out") from exc
+    except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
+        raise StreamClosed(f"connect to {host}:{port} failed: {exc}") from exc
+    return stream

@@ -1,0 +1,104 @@
+"""Shared fixtures: a trustme CA, the fake OpenRouter over TLS, and the proxy in-process.
+
+Tests run on the asyncio backend of anyio's pytest plugin, on real loopback sockets.
+"""
+
+from __future__ import annotations
+
+import copy
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from orproxy.app import App
+from orproxy.config import build_config
+from tests.fakeor import FakeOpenRouter
+
+ACCESS_KEY = "test-access-key"
+KEYS = ["sk-or-v1-test-key-aaaaaaaaaaaa0001", "sk-or-v1-test-key-bbbbbbbbbbbb0002",
+        "sk-or-v1-test-key-cccccccccccc0003"]
+AUTH = (b"Authorization", b"Bearer " + ACCESS_KEY.encode())
+
+ProxyFactory = Callable[..., Awaitable[App]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+async def fake(server_tls: ssl.SSLContext) -> AsyncIterator[FakeOpenRouter]:
+    server = FakeOpenRouter(tls=server_tls)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def proxy_config(fake_port: int, ca_file: str, **overrides: Any) -> dict[str, Any]:
+    base = {
+        "server": {"host": "127.0.0.1", "port": 0, "access_key": ACCESS_KEY,
+                   "log_level": "WARNING", "http_log_level": "WARNING"},
+        "openrouter": {"keys": KEYS, "base_url": f"https://127.0.0.1:{fake_port}/api/v1",
+                       "ca_file": ca_file, "rate_limit_cooldown": 60},
+    }
+    return merge(base, overrides)
+
+
+@pytest.fixture
+async def make_proxy(fake: FakeOpenRouter, ca_file: str) -> AsyncIterator[ProxyFactory]:
+    apps: list[App] = []
+
+    async def factory(**overrides: Any) -> App:
+        app = App(build_config(proxy_config(fake.port, ca_file, **overrides), {}))
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        await app.shutdown()
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory) -> App:
+    return await make_proxy()
+
+
+def tmp_config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    return str(path)

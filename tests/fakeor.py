@@ -1,0 +1,182 @@
+"""A fake OpenRouter for tests: an h11 server on loopback, over TLS from trustme.
+
+Each request is answered by ``script(request, responder)``, an async function the test
+sets. The fake records every request (method, target, raw headers, body) and every
+connection's opening and closing, so tests can check what the proxy sent upstream and
+that it closed what it should have. ``Responder`` frames with h11 by default and can also
+write raw bytes, for upstream misbehaviour h11 would refuse to produce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+
+
+@dataclass
+class Recorded:
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    conn_id: int
+
+    def header(self, name: bytes) -> bytes | None:
+        values = [v for n, v in self.headers if n.lower() == name.lower()]
+        assert len(values) <= 1, f"{name!r} sent {len(values)} times"
+        return values[0] if values else None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Responder:
+    def __init__(self, conn: h11.Connection, writer: asyncio.StreamWriter) -> None:
+        self.conn = conn
+        self.writer = writer
+
+    async def head(self, status: int, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        await self._send(h11.Response(status_code=status, headers=headers or []))
+
+    async def data(self, data: bytes) -> None:
+        await self._send(h11.Data(data=data))
+
+    async def end(self) -> None:
+        await self._send(h11.EndOfMessage())
+
+    async def raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+    async def _send(self, event: h11.Event) -> None:
+        out = self.conn.send(event)
+        assert out is not None
+        self.writer.write(out)
+        await self.writer.drain()
+
+    async def json(self, status: int, doc: Any, headers: list[tuple[bytes, bytes]] | None = None,
+                   ) -> None:
+        body = json.dumps(doc).encode()
+        await self.head(status, [(b"Content-Type", b"application/json"),
+                                 (b"Content-Length", str(len(body)).encode()), *(headers or [])])
+        await self.data(body)
+        await self.end()
+
+
+Script = Callable[[Recorded, Responder], Awaitable[None]]
+
+
+def completion(content: str = "hello", model: str = "test/model") -> dict[str, Any]:
+    return {
+        "id": "gen-123", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    }
+
+
+async def ok_script(req: Recorded, resp: Responder) -> None:
+    await resp.json(200, completion())
+
+
+def rate_limited_body(reset_ms: int, message: str = "Rate limit exceeded: free-models-per-min.",
+                      ) -> dict[str, Any]:
+    return {"error": {"code": 429, "message": message, "metadata": {
+        "headers": {"X-RateLimit-Limit": "20", "X-RateLimit-Remaining": "0",
+                    "X-RateLimit-Reset": str(reset_ms)}, "provider_name": None}}}
+
+
+OVERLOAD_BODY = {"error": {"code": 429, "message": "Provider returned error", "metadata": {
+    "raw": "google/gemma-3-27b-it:free is temporarily rate-limited upstream. Please retry "
+           "shortly.", "provider_name": "Google AI Studio"}}}
+
+
+@dataclass
+class FakeOpenRouter:
+    tls: ssl.SSLContext | None = None
+    script: Script = ok_script
+    requests: list[Recorded] = field(default_factory=list)
+    opened: int = 0
+    closed: int = 0
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _conn_closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            await self._server.wait_closed()
+
+    @property
+    def open_connections(self) -> int:
+        return self.opened - self.closed
+
+    async def wait_closed(self, count: int, timeout: float = 5.0) -> None:
+        """Wait until at least ``count`` connections have closed."""
+        async with asyncio.timeout(timeout):
+            while self.closed < count:
+                self._conn_closed.clear()
+                await self._conn_closed.wait()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.opened += 1
+        self._writers.add(writer)
+        conn_id = self.opened
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request = await self._read_request(conn, reader, conn_id)
+                if request is None:
+                    break
+                self.requests.append(request)
+                await self.script(request, Responder(conn, writer))
+                if writer.transport.is_closing():
+                    break
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    break
+                if conn.our_state is not h11.DONE:
+                    break
+                conn.start_next_cycle()
+        except (ConnectionError, ssl.SSLError, h11.ProtocolError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed += 1
+            self._writers.discard(writer)
+            self._conn_closed.set()
+            writer.transport.abort()
+
+    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader,
+                            conn_id: int) -> Recorded | None:
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Request):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                return Recorded(head.method, head.target, list(head.headers.raw_items()),
+                                bytes(body), conn_id)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
