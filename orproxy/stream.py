@@ -142,6 +142,25 @@ class Stream(asyncio.Protocol):
     def is_closed(self) -> bool:
         return self._lost is not None or self.transport is None or self.transport.is_closing()
 
+    async def linger_close(self, seconds: float) -> None:
+        """Close after the peer has read our last response: send FIN, then read and drop
+        what the peer is still sending for up to ``seconds``. Closing with unread input
+        makes the kernel send RST, which can destroy the response before the peer reads it
+        (nginx's lingering_close does the same)."""
+        transport = self.transport
+        if transport is None or self.is_closed:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        deadline = self._loop.time() + seconds
+        try:
+            while (left := deadline - self._loop.time()) > 0:
+                if not await self.read(left):
+                    break
+        except (StreamClosed, StreamTimeout, OSError):
+            pass
+        self.close()
+
     def close(self) -> None:
         """Flush what was written, then close."""
         if self.transport is not None:

@@ -47,12 +47,11 @@ class RawClient:
         self.writer.write(data)
         await self.writer.drain()
 
-    def expect(self, method: bytes, version: bytes = b"1.1") -> None:
+    def expect(self, method: bytes) -> None:
         """Tell the parser which request the next response answers (for HEAD and 1.0)."""
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()
-        self.conn.send(h11.Request(method=method, target=b"/", headers=[(b"Host", b"x")],
-                                   http_version=version))
+        self.conn.send(h11.Request(method=method, target=b"/", headers=[(b"Host", b"x")]))
         self.conn.send(h11.EndOfMessage())
 
     async def read_some(self, timeout: float = 5.0) -> bytes:
@@ -60,9 +59,8 @@ class RawClient:
         self.raw += data
         return data
 
-    async def response(self, method: bytes = b"GET", version: bytes = b"1.1",
-                       timeout: float = 10.0) -> Response:
-        self.expect(method, version)
+    async def response(self, method: bytes = b"GET", timeout: float = 10.0) -> Response:
+        self.expect(method)
         async with asyncio.timeout(timeout):
             head: h11.Response | None = None
             chunks: list[bytes] = []

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("orproxy.access")
 
 JSON = b"application/json"
+LINGER_SECONDS = 2.0
 
 
 @dataclass
@@ -96,6 +97,7 @@ class ConnectionHandler:
         self.busy = False  # a request is being served (graceful shutdown waits for these)
         self._forwarding = False
         self._client_gone = False
+        self._linger = False  # we close after an answer while the client may still send
         stream.on_peer_gone = self._on_peer_gone
 
     def _on_peer_gone(self) -> None:
@@ -127,6 +129,8 @@ class ConnectionHandler:
         finally:
             self.ctx.handlers.discard(self)
             self.ctx.metrics.connection_closed()
+            if self._linger and not self._client_gone:
+                await self.stream.linger_close(LINGER_SECONDS)
             self.stream.close()
 
     async def _serve(self) -> None:
@@ -322,6 +326,7 @@ class ConnectionHandler:
             events.append(h11.Data(data=body))
         events.append(h11.EndOfMessage())
         ex.status = status
+        self._linger = self._linger or close
         self.sc.send(*events)
 
     def _local_error(self, ex: Exchange, status: int, message: str, *, close: bool,
