@@ -119,8 +119,11 @@ class ConnectionHandler:
         self.ctx.metrics.connection_opened()
         try:
             await self._serve()
-        except (StreamClosed, StreamTimeout):
+        except StreamClosed:
             pass
+        except StreamTimeout:
+            # the client stopped reading: close() would wait forever to flush to it
+            self.stream.abort()
         except asyncio.CancelledError:
             if not self._client_gone and not self.ctx.draining:
                 raise
@@ -245,21 +248,21 @@ class ConnectionHandler:
             self._forwarding = False
 
     async def _exchange_and_relay(self, req: UpstreamRequest, ex: Exchange) -> None:
-        close = self.ctx.draining
         try:
             result = await self.ctx.exchanger.run(req)
         except NoKeyAvailable as exc:
             ex.attempts, ex.outcome = exc.attempts, "no_key"
-            self._no_key(ex, exc.retry_after, close)
+            self._no_key(ex, exc.retry_after, self.ctx.draining)
             return
         except UpstreamError as exc:
             ex.outcome = "upstream_error"
             log.warning("upstream failed rid=%s: %s", req.request_id.decode(), exc.message)
-            self._local_error(ex, exc.status, f"upstream: {exc.message}", close=close)
+            self._local_error(ex, exc.status, f"upstream: {exc.message}",
+                              close=self.ctx.draining)
             return
         ex.key_id = result.key.id if result.key else "-"
         ex.attempts, ex.outcome = result.attempts, result.outcomes[-1] if result.outcomes else "ok"
-        await self._relay(result, ex, close)
+        await self._relay(result, ex)
 
     def _no_key(self, ex: Exchange, retry_after: float | None, close: bool) -> None:
         if retry_after is None:
@@ -270,7 +273,7 @@ class ConnectionHandler:
                           close=close, extra=[(b"Retry-After", str(seconds).encode())],
                           metadata={"retry_after_seconds": seconds})
 
-    async def _relay(self, result: ExchangeResult, ex: Exchange, close: bool) -> None:
+    async def _relay(self, result: ExchangeResult, ex: Exchange) -> None:
         """Pass the upstream response on: head, read-ahead, then the body as it arrives."""
         resp, conn = result.response, result.conn
         sc, pool = self.sc, self.ctx.upstream
@@ -281,7 +284,8 @@ class ConnectionHandler:
                 more, ended = conn.take_buffered()
                 body += more
             headers = hdr.client_response_headers(resp.headers.raw_items(),
-                                                  request_id=ex.request_id, close=close)
+                                                  request_id=ex.request_id,
+                                                  close=self.ctx.draining)
             events: list[h11.Event] = [h11.Response(status_code=resp.status_code,
                                                     headers=headers, reason=resp.reason)]
             ex.status = resp.status_code

@@ -62,7 +62,11 @@ class UpstreamConnection:
         """The final response head (1xx heads are skipped), within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
-            event = await self._next_event(deadline - time.monotonic(), first=True)
+            try:
+                event = await self._next_event(deadline - time.monotonic())
+            except UpstreamTimeout as exc:
+                raise UpstreamTimeout(f"no response within {timeout:g}s",
+                                      before_response=exc.before_response) from None
             if isinstance(event, h11.Response):
                 return event
             if not isinstance(event, h11.InformationalResponse):
@@ -96,9 +100,9 @@ class UpstreamConnection:
             data, ended = self.take_buffered()
             if data or ended:
                 return data, ended
-            await self._receive(timeout, first=False)
+            await self._receive(timeout)
 
-    async def _next_event(self, timeout: float, *, first: bool) -> h11.Event:
+    async def _next_event(self, timeout: float) -> h11.Event:
         while True:
             try:
                 event = self.h11.next_event()
@@ -108,15 +112,14 @@ class UpstreamConnection:
             if event is not h11.NEED_DATA:
                 assert not isinstance(event, type)
                 return event
-            await self._receive(timeout, first=first)
+            await self._receive(timeout)
 
-    async def _receive(self, timeout: float, *, first: bool) -> None:
+    async def _receive(self, timeout: float) -> None:
         before = not self.got_response_bytes
         try:
             data = await self.stream.read(max(timeout, 0.0))
         except StreamTimeout as exc:
-            what = "first response byte" if first else "next body bytes"
-            raise UpstreamTimeout(f"no {what} within {timeout:.0f}s",
+            raise UpstreamTimeout(f"upstream silent for {timeout:g}s",
                                   before_response=before) from exc
         if data:
             self.got_response_bytes = True
