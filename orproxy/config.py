@@ -162,7 +162,12 @@ def _bool(v: Any) -> tuple[Any, str | None]:
 
 
 def _str(v: Any) -> tuple[Any, str | None]:
-    return (v, None) if isinstance(v, str) else (None, f"must be a string, got {v!r}")
+    # the value is not echoed: it may be a secret (server.access_key)
+    return (v, None) if isinstance(v, str) else (None, f"must be a string, got {_kind(v)}")
+
+
+def _kind(v: Any) -> str:
+    return "nothing" if v is None else type(v).__name__
 
 
 def _opt_str(v: Any) -> tuple[Any, str | None]:
@@ -182,12 +187,15 @@ def _str_list(item: Checker | None = None) -> Checker:
     def check(v: Any) -> tuple[Any, str | None]:
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             return None, f"must be a list of strings, got {v!r}"
-        if item is not None:
-            for x in v:
-                _, problem = item(x)
-                if problem:
-                    return None, f"item {x!r} {problem}"
-        return tuple(v), None
+        if item is None:
+            return tuple(v), None
+        out = []
+        for x in v:
+            parsed, problem = item(x)
+            if problem:
+                return None, f"item {x!r} {problem}"
+            out.append(parsed)
+        return tuple(out), None
 
     return check
 
@@ -216,8 +224,8 @@ def _base_url(v: Any) -> tuple[Any, str | None]:
         return None, f"must be a URL string, got {v!r}"
     try:
         return parse_origin(v), None
-    except ValueError as exc:
-        return None, f"{exc} (got {v!r})"
+    except ValueError as exc:  # the URL is not echoed: it may carry credentials
+        return None, str(exc)
 
 
 def _ca_file(v: Any) -> tuple[Any, str | None]:
@@ -366,6 +374,11 @@ def build_config(raw: Any, env: Mapping[str, str]) -> Config:
     sections = {name: _check_section(name, raw.get(name), problems) for name in SCHEMA}
 
     server, openrouter = sections["server"], sections["openrouter"]
+    raw_openrouter = raw.get("openrouter")
+    if isinstance(raw_openrouter, dict) and {"google_rate_delay", "global_rate_delay"} <= set(
+        raw_openrouter
+    ):
+        problems.append("openrouter.global_rate_delay: an alias of google_rate_delay; set one")
     if env.get("ORPROXY_ACCESS_KEY"):
         server["access_key"] = env["ORPROXY_ACCESS_KEY"]
     if not server.get("access_key"):

@@ -137,6 +137,7 @@ class KeyPool:
         targets = [key]
         if account_wide and key.account is not None:
             targets = [k for k in self._keys if k.account == key.account]
+        targets = [k for k in targets if not k.disabled]  # a disabled key keeps its reason
         for k in targets:
             if until > k.cooling_until:
                 k.cooling_until = until

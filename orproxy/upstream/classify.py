@@ -12,6 +12,7 @@ import enum
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -81,7 +82,7 @@ def classify(
 def _error_object(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # an upstream's odd bytes never break the proxy
         return {}
     error = doc.get("error") if isinstance(doc, dict) else None
     return error if isinstance(error, dict) else {}
@@ -116,7 +117,7 @@ def _reset_seconds(value: Any, wall_now: float) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if number != number or number < 0:
         return None
@@ -134,10 +135,12 @@ def retry_after_seconds(value: bytes | None, wall_now: float) -> float | None:
     if not value:
         return None
     text = value.decode("latin-1").strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return min(max(float(text), 1.0), MAX_COOLDOWN_SECONDS)
     try:
-        when = parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError, IndexError):
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return min(max(when - wall_now, 1.0), MAX_COOLDOWN_SECONDS)
+    if when.tzinfo is None:  # asctime dates carry no zone; HTTP dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return min(max(when.timestamp() - wall_now, 1.0), MAX_COOLDOWN_SECONDS)
