@@ -84,8 +84,18 @@ class UpstreamProtocol(asyncio.Protocol):
     """One client connection: parse requests one at a time, answer, keep alive."""
 
     __slots__ = (
-        "_loop", "_stats", "_transport", "_buf", "_busy", "_closed", "_keep_alive",
-        "_seq", "_total", "_delay", "_t0", "_timer",
+        "_buf",
+        "_busy",
+        "_closed",
+        "_delay",
+        "_keep_alive",
+        "_loop",
+        "_seq",
+        "_stats",
+        "_t0",
+        "_timer",
+        "_total",
+        "_transport",
     )
 
     def __init__(self, stats: Stats) -> None:
@@ -135,14 +145,14 @@ class UpstreamProtocol(asyncio.Protocol):
                 self._fail()
                 return
             method, target, version = parts
-            raw_headers = buf[line_end:hend + 2]
+            raw_headers = buf[line_end : hend + 2]
             headers = raw_headers.lower()
             clen = 0
             i = headers.find(b"\r\ncontent-length:")
             if i >= 0:
                 j = headers.find(b"\r\n", i + 17)
                 try:
-                    clen = int(headers[i + 17:j])
+                    clen = int(headers[i + 17 : j])
                 except ValueError:
                     self._fail()
                     return
@@ -152,7 +162,7 @@ class UpstreamProtocol(asyncio.Protocol):
             end = hend + 4 + clen
             if len(buf) < end:
                 return
-            body = buf[hend + 4:end]
+            body = buf[hend + 4 : end]
             self._buf = buf[end:]
             if version == b"HTTP/1.1":
                 self._keep_alive = b"\r\nconnection: close" not in headers
@@ -161,7 +171,7 @@ class UpstreamProtocol(asyncio.Protocol):
             i = headers.find(b"\r\nauthorization:")
             if i >= 0:
                 j = headers.find(b"\r\n", i + 16)
-                self._stats.auth[raw_headers[i + 16:j].strip().decode("latin-1")] += 1
+                self._stats.auth[raw_headers[i + 16 : j].strip().decode("latin-1")] += 1
             self._stats.requests += 1
             self._dispatch(transport, method, target, body)
 
@@ -177,7 +187,9 @@ class UpstreamProtocol(asyncio.Protocol):
             self._closed = True
 
     # -- routing --------------------------------------------------------------
-    def _dispatch(self, transport: asyncio.Transport, method: bytes, target: bytes, body: bytes) -> None:
+    def _dispatch(
+        self, transport: asyncio.Transport, method: bytes, target: bytes, body: bytes
+    ) -> None:
         path, _, query = target.partition(b"?")
         if path == b"/api/v1/chat/completions":
             if method != b"POST":
@@ -276,13 +288,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--host", default=HOST)
     parser.add_argument("--port", type=int, default=UPSTREAM_PORT)
-    parser.add_argument("--workers", type=int, default=1, help="processes (SO_REUSEPORT); default 1 = one core")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes (SO_REUSEPORT); default 1 = one core"
+    )
     args = parser.parse_args(argv)
     if args.workers <= 1:
         _run_one(args.host, args.port, False)
         return 0
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_run_one, args=(args.host, args.port, True)) for _ in range(args.workers - 1)]
+    procs = [
+        ctx.Process(target=_run_one, args=(args.host, args.port, True))
+        for _ in range(args.workers - 1)
+    ]
     for proc in procs:
         proc.start()
     try:

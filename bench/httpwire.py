@@ -84,7 +84,7 @@ class ResponseParser:
                     if self.remaining == 0:
                         self.state = _CHUNK_CRLF
                     break
-                piece, buf = buf[: self.remaining], buf[self.remaining:]
+                piece, buf = buf[: self.remaining], buf[self.remaining :]
                 self.remaining = 0
                 sink.on_body(piece)
                 self.state = _CHUNK_CRLF
@@ -105,7 +105,7 @@ class ResponseParser:
                     size = int(buf[:i].split(b";", 1)[0].strip(), 16)
                 except ValueError as exc:
                     raise ProtocolError(f"bad chunk size {buf[:i]!r}") from exc
-                buf = buf[i + 2:]
+                buf = buf[i + 2 :]
                 if size == 0:
                     self.state = _TRAILERS
                 else:
@@ -115,7 +115,7 @@ class ResponseParser:
                 if not buf:
                     break
                 take = buf[: self.remaining]
-                buf = buf[len(take):]
+                buf = buf[len(take) :]
                 self.remaining -= len(take)
                 sink.on_body(take)
                 if self.remaining == 0:
@@ -127,12 +127,12 @@ class ResponseParser:
                         raise ProtocolError("response head too long")
                     break
                 self._parse_head(buf[:i])
-                buf = buf[i + 4:]
+                buf = buf[i + 4 :]
             elif state == _TRAILERS:
                 i = buf.find(b"\r\n")
                 if i < 0:
                     break
-                line, buf = buf[:i], buf[i + 2:]
+                line, buf = buf[:i], buf[i + 2 :]
                 if not line:
                     self.state = _DONE
             elif state == _UNTIL_CLOSE:

@@ -143,8 +143,10 @@ async def fetch_stream(
     conn: ClientConnection | None = None
     try:
         conn = await asyncio.wait_for(connect(host, port), timeout)
-        await asyncio.wait_for(conn.request(stream_request(host, port, chunks, delay_ms), rec), timeout)
-    except (OSError, asyncio.TimeoutError, ProtocolError) as exc:
+        await asyncio.wait_for(
+            conn.request(stream_request(host, port, chunks, delay_ms), rec), timeout
+        )
+    except (TimeoutError, OSError, ProtocolError) as exc:
         rec.error(f"{type(exc).__name__}: {exc}")
     finally:
         if conn is not None:
@@ -165,11 +167,14 @@ class StreamsResult:
     delay_p50_ms: float
     delay_p99_ms: float
     delay_max_ms: float
+    first_delay_p99_ms: float
     connect_all_s: float
     errors: dict[str, int]
 
 
-async def _connect_all(host: str, port: int, count: int, timeout: float) -> list[ClientConnection | str]:
+async def _connect_all(
+    host: str, port: int, count: int, timeout: float
+) -> list[ClientConnection | str]:
     """Open ``count`` connections, at most 64 connects in flight; failures become strings."""
     sem = asyncio.Semaphore(64)
 
@@ -177,7 +182,7 @@ async def _connect_all(host: str, port: int, count: int, timeout: float) -> list
         async with sem:
             try:
                 return await asyncio.wait_for(connect(host, port), timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 return f"connect: {type(exc).__name__}: {exc}"[:120]
 
     return list(await asyncio.gather(*(one() for _ in range(count))))
@@ -194,16 +199,25 @@ async def _one_stream(
     await asyncio.sleep(max(0.0, start_at - loop.time()))
     try:
         await asyncio.wait_for(conn.request(raw, rec), timeout)
-    except (OSError, asyncio.TimeoutError, ProtocolError) as exc:
+    except (TimeoutError, OSError, ProtocolError) as exc:
         rec.error(f"{type(exc).__name__}: {exc}"[:120])
     rec.finish()
     return rec, time.perf_counter()
 
 
 async def run_streams(
-    host: str, port: int, streams: int, chunks: int, delay_ms: int, stagger_ms: float, timeout: float
+    host: str,
+    port: int,
+    streams: int,
+    chunks: int,
+    delay_ms: int,
+    stagger_ms: float,
+    timeout: float,
 ) -> StreamsResult:
-    """Connect all clients first, then start one stream per connection, spread over ``stagger_ms``."""
+    """Connect all clients first, then start one stream per connection.
+
+    Stream starts are spread evenly over ``stagger_ms``.
+    """
     loop = asyncio.get_running_loop()
     raw = stream_request(host, port, chunks, delay_ms)
     t_connect = time.perf_counter()
@@ -221,17 +235,20 @@ async def run_streams(
         if not isinstance(c, str):
             c.close()
     delays: list[int] = []
+    first: list[int] = []
     errors: Counter[str] = Counter()
     complete = 0
     received = 0
     for rec, _ in results:
         delays.extend(rec.delays_ns)
+        first.extend(rec.delays_ns[:1])
         received += rec.next_seq
         if rec.ok:
             complete += 1
         else:
             errors[rec.errors[0] if rec.errors else "incomplete"] += 1
     delays.sort()
+    first.sort()
     return StreamsResult(
         streams=streams,
         complete=complete,
@@ -240,6 +257,7 @@ async def run_streams(
         delay_p50_ms=ns_to_ms(percentile(delays, 50)),
         delay_p99_ms=ns_to_ms(percentile(delays, 99)),
         delay_max_ms=ns_to_ms(delays[-1]) if delays else float("nan"),
+        first_delay_p99_ms=ns_to_ms(percentile(first, 99)),
         connect_all_s=connect_s,
         errors=dict(errors.most_common(5)),
     )
@@ -259,7 +277,9 @@ class TtfbResult:
     errors: dict[str, int]
 
 
-async def run_ttfb(host: str, port: int, requests: int, warmup: int, chunks: int, timeout: float) -> TtfbResult:
+async def run_ttfb(
+    host: str, port: int, requests: int, warmup: int, chunks: int, timeout: float
+) -> TtfbResult:
     raw = stream_request(host, port, chunks, 0)
     conn: ClientConnection | None = None
     ttfb: list[int] = []
@@ -274,7 +294,7 @@ async def run_ttfb(host: str, port: int, requests: int, warmup: int, chunks: int
                     conn.close()
                 conn = await asyncio.wait_for(connect(host, port), timeout)
             await asyncio.wait_for(conn.request(raw, rec), timeout)
-        except (OSError, asyncio.TimeoutError, ProtocolError) as exc:
+        except (TimeoutError, OSError, ProtocolError) as exc:
             rec.error(f"{type(exc).__name__}: {exc}"[:120])
             if conn is not None:
                 conn.close()
@@ -324,10 +344,20 @@ def main(argv: list[str] | None = None) -> int:
     result: Any
     if args.cmd == "streams":
         result = asyncio.run(
-            run_streams(args.host, args.port, args.streams, args.chunks, args.delay_ms, args.stagger_ms, args.timeout)
+            run_streams(
+                args.host,
+                args.port,
+                args.streams,
+                args.chunks,
+                args.delay_ms,
+                args.stagger_ms,
+                args.timeout,
+            )
         )
     else:
-        result = asyncio.run(run_ttfb(args.host, args.port, args.requests, args.warmup, args.chunks, args.timeout))
+        result = asyncio.run(
+            run_ttfb(args.host, args.port, args.requests, args.warmup, args.chunks, args.timeout)
+        )
     json.dump(asdict(result), sys.stdout)
     sys.stdout.write("\n")
     return 0

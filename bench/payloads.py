@@ -76,7 +76,19 @@ def _chat_response_body(target_size: int = 1024) -> bytes:
             }
         )
 
-    words = "Requests flow through the quiet loop, bytes in, bytes out. ".split(" ")
+    words = [
+        "Requests",
+        "flow",
+        "through",
+        "the",
+        "quiet",
+        "loop,",
+        "bytes",
+        "in,",
+        "bytes",
+        "out.",
+        "",
+    ]
     content = ""
     i = 0
     while len(build(content)) < target_size:
@@ -88,9 +100,20 @@ def _chat_response_body(target_size: int = 1024) -> bytes:
 def _models_body(target_size: int = 340_000) -> bytes:
     vendors = ["openai", "anthropic", "google", "meta-llama", "mistralai", "qwen", "deepseek"]
     params = [
-        "max_tokens", "temperature", "top_p", "stop", "frequency_penalty",
-        "presence_penalty", "seed", "tools", "tool_choice", "response_format",
-        "structured_outputs", "logit_bias", "logprobs", "top_logprobs",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "frequency_penalty",
+        "presence_penalty",
+        "seed",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "structured_outputs",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
     ]
     models: list[dict[str, Any]] = []
     out = b""
@@ -151,21 +174,31 @@ MODELS_BODY = _models_body()
 _TOKENS = [b"The", b" loop", b" turns", b";", b" bytes", b" flow", b" through", b" quietly", b"."]
 
 _CHUNK_HEAD = (
-    b'data: {"id":"' + GEN_ID.encode() + b'","provider":"OpenAI","model":"' + MODEL.encode()
-    + b'","object":"chat.completion.chunk","created":' + str(CREATED).encode()
+    b'data: {"id":"'
+    + GEN_ID.encode()
+    + b'","provider":"OpenAI","model":"'
+    + MODEL.encode()
+    + b'","object":"chat.completion.chunk","created":'
+    + str(CREATED).encode()
     + b',"choices":[{"index":0,"delta":{"role":"assistant","content":"'
 )
-_CHUNK_MID = b'"},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"bench":{"seq":'
-_LAST_MID = b'"},"finish_reason":"stop","native_finish_reason":"stop","logprobs":null}],"bench":{"seq":'
+_CHUNK_MID = (
+    b'"},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"bench":{"seq":'
+)
+_LAST_MID = (
+    b'"},"finish_reason":"stop","native_finish_reason":"stop","logprobs":null}],"bench":{"seq":'
+)
 _SENT = b',"sent_ns":'
-_CHUNK_TAIL = b'}}\n\n'
+_CHUNK_TAIL = b"}}\n\n"
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def _usage(n: int) -> bytes:
     return (
-        b',"usage":{"prompt_tokens":42,"completion_tokens":' + str(n).encode()
-        + b',"total_tokens":' + str(42 + n).encode()
+        b',"usage":{"prompt_tokens":42,"completion_tokens":'
+        + str(n).encode()
+        + b',"total_tokens":'
+        + str(42 + n).encode()
         + b',"cost":0.0000420,"is_byok":false,"prompt_tokens_details":{"cached_tokens":0},'
         b'"completion_tokens_details":{"reasoning_tokens":0}}'
     )
@@ -176,11 +209,28 @@ def sse_event(seq: int, total: int, sent_ns: int) -> bytes:
     token = _TOKENS[seq % len(_TOKENS)]
     if seq == total - 1:
         return b"".join(
-            (_CHUNK_HEAD, token, _LAST_MID, str(seq).encode(), _SENT, str(sent_ns).encode(),
-             b"}", _usage(total), b"}\n\n")
+            (
+                _CHUNK_HEAD,
+                token,
+                _LAST_MID,
+                str(seq).encode(),
+                _SENT,
+                str(sent_ns).encode(),
+                b"}",
+                _usage(total),
+                b"}\n\n",
+            )
         )
     return b"".join(
-        (_CHUNK_HEAD, token, _CHUNK_MID, str(seq).encode(), _SENT, str(sent_ns).encode(), _CHUNK_TAIL)
+        (
+            _CHUNK_HEAD,
+            token,
+            _CHUNK_MID,
+            str(seq).encode(),
+            _SENT,
+            str(sent_ns).encode(),
+            _CHUNK_TAIL,
+        )
     )
 
 

@@ -72,6 +72,7 @@ class Sampled:
     returncode: int
     wall_s: float
     loadgen_cpu_s: float
+    other_cpu_s: float
     usage: dict[str, Usage]
 
 
@@ -80,17 +81,32 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _self_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _system_busy() -> float:
+    """Machine-wide user+nice+system seconds (irq/softirq excluded: not charged to tasks)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system)
+
+
 def run_sampled(
     cmd: list[str], trees: dict[str, ProcTree], interval: float = 0.1, timeout: float = 300.0
 ) -> Sampled:
     """Run ``cmd`` (the load generator) to completion, sampling CPU and peak RSS of each tree.
 
     The load generator's own CPU comes from RUSAGE_CHILDREN (it is the only
-    child reaped meanwhile).
+    child reaped meanwhile). ``other_cpu_s`` is machine-wide busy time not
+    accounted to the trees, the load generator or this process: noise from
+    whatever else runs on the machine.
     """
     start_cpu = {name: tree.cpu_seconds() for name, tree in trees.items()}
     peak = {name: tree.rss_bytes() for name, tree in trees.items()}
     gen0 = _children_cpu()
+    self0 = _self_cpu()
+    busy0 = _system_busy()
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
@@ -111,11 +127,15 @@ def run_sampled(
         name: Usage(cpu_s=tree.cpu_seconds() - start_cpu[name], peak_rss=peak[name])
         for name, tree in trees.items()
     }
+    loadgen = _children_cpu() - gen0
+    distinct = {tuple(r.pid for r in tree.roots): usage[name].cpu_s for name, tree in trees.items()}
+    ours = sum(distinct.values()) + loadgen + _self_cpu() - self0
     return Sampled(
         stdout=stdout,
         stderr=stderr,
         returncode=proc.returncode,
         wall_s=wall,
-        loadgen_cpu_s=_children_cpu() - gen0,
+        loadgen_cpu_s=loadgen,
+        other_cpu_s=max(0.0, _system_busy() - busy0 - ours),
         usage=usage,
     )

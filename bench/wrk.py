@@ -41,7 +41,9 @@ def write_script(path: Path, method: str, body: bytes, headers: dict[str, str]) 
     return path
 
 
-def command(url: str, script: Path, connections: int, duration_s: float, threads: int = 1) -> list[str]:
+def command(
+    url: str, script: Path, connections: int, duration_s: float, threads: int = 1
+) -> list[str]:
     return [
         "wrk",
         f"-t{threads}",
@@ -106,7 +108,7 @@ def parse(output: str) -> WrkResult:
         res.latency_ms[f"p{pct}"] = _time_ms(value)
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     if m:
-        for key, value in zip(("connect", "read", "write", "timeout"), m.groups()):
+        for key, value in zip(("connect", "read", "write", "timeout"), m.groups(), strict=True):
             res.errors[key] = int(value)
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     if m:

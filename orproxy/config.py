@@ -381,7 +381,9 @@ def build_config(raw: Any, env: Mapping[str, str]) -> Config:
         problems.append("openrouter.global_rate_delay: an alias of google_rate_delay; set one")
     if env.get("ORPROXY_ACCESS_KEY"):
         server["access_key"] = env["ORPROXY_ACCESS_KEY"]
-    if not server.get("access_key"):
+    if not server.get("access_key") and not any(
+        p.startswith("server.access_key") for p in problems
+    ):
         problems.append("server.access_key: required (or set ORPROXY_ACCESS_KEY)")
     if env.get("OPENROUTER_KEYS", "").strip():
         env_keys = [k for k in (p.strip() for p in env["OPENROUTER_KEYS"].split(",")) if k]
