@@ -412,7 +412,7 @@ def load_config(path: str | None, env: Mapping[str, str]) -> Config:
     explicit = path is not None
     path = path or "config.yml"
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: PyYAML reports a bad encoding as a YAMLError
             raw = yaml.safe_load(f)
     except FileNotFoundError:
         if explicit:

@@ -227,15 +227,17 @@ class ConnectionHandler:
 
     async def _forward(self, request: h11.Request, target: Route, ex: Exchange) -> None:
         ctx, sc = self.ctx, self.sc
+        bodiless = sc.end_if_bodiless(request)
         if not target.public and not check_access(request.headers, ctx.access_key):
-            self._local_error(ex, 401, "missing or invalid access key",
-                              close=sc.body_pending, extra=[(b"WWW-Authenticate", b"Bearer")])
+            # a body the client may still send is not read: answer, then close
+            self._local_error(ex, 401, "missing or invalid access key", close=not bodiless,
+                              extra=[(b"WWW-Authenticate", b"Bearer")])
             return
         expect = [v for n, v in request.headers if n == b"expect"]
         if expect and expect != [b"100-continue"]:
             raise ClientRequestError(417, "only Expect: 100-continue is supported")
         framed = any(n in (b"content-length", b"transfer-encoding") for n, _ in request.headers)
-        body = await sc.read_body(request)
+        body = b"" if bodiless else await sc.read_body(request)
         req = UpstreamRequest(request.method, ctx.base_path + target.path,
                               request.headers.raw_items(), body, framed, ex.request_id,
                               target.public)

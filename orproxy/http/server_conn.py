@@ -100,10 +100,6 @@ class ServerConnection:
         return type(event) is h11.EndOfMessage
 
     @property
-    def body_pending(self) -> bool:
-        return self.h11.their_state is h11.SEND_BODY
-
-    @property
     def can_respond(self) -> bool:
         return self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE)
 

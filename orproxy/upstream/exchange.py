@@ -98,6 +98,9 @@ class Exchanger:
                     if overloaded is not None:
                         return overloaded
                     raise NoKeyAvailable(self.keys.soonest_available(), len(outcomes))
+            if overloaded is not None and self.s.overload_delay > 0:
+                # the upstream asked for patience; only worth it if another try follows
+                await self._sleep(self.s.overload_delay)
             try:
                 result = await self._attempt(req, key)
             except UpstreamError as exc:
@@ -120,8 +123,6 @@ class Exchanger:
                 self.pool.discard(result.conn)
             elif verdict.outcome is Outcome.OVERLOADED:
                 overloaded = result
-            if verdict.outcome is Outcome.OVERLOADED and self.s.overload_delay > 0:
-                await self._sleep(self.s.overload_delay)
 
     def _budget_left(self, attempts: int, deadline: float) -> bool:
         return attempts < self.s.max_attempts and self.keys.clock() < deadline

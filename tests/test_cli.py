@@ -1,0 +1,378 @@
+"""The command line, as a user runs it: ``python -m orproxy`` in a subprocess.
+
+Configuration errors (exit 2, every problem listed with its path, keys masked, no
+traceback), ``--check``, start-up from the environment, signals (graceful stop, exit 0),
+and a port that is already taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import ACCESS_KEY, KEYS
+from tests.fakeor import FakeOpenRouter, Recorded, Responder
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_SECONDS = 20.0
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENROUTER_KEYS", "ORPROXY_ACCESS_KEY")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orproxy", *args], cwd=cwd,
+                          env=env or clean_env(), capture_output=True, text=True, timeout=30)
+
+
+def write_config(path: Path, doc: Any) -> Path:
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def problems(stderr: str) -> list[str]:
+    return [line[4:] for line in stderr.splitlines() if line.startswith("  - ")]
+
+
+# --- configuration errors --------------------------------------------------------------------
+
+BAD_KEY = "not-a-key-1234567890abcdef"
+SPACED_KEY = "sk-or-v1-secret part-9876543210"
+
+
+def test_config_errors_are_all_listed_with_paths(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "bad.yml", {
+        "server": {"port": "abc", "log_level": "LOUD", "colour": "blue"},
+        "openrouter": {
+            "keys": [BAD_KEY, KEYS[0], KEYS[0], SPACED_KEY, 42],
+            "key_selection_strategy": "weird",
+            "rate_limit_cooldown": -5,
+            "base_url": "ftp://example.com",
+        },
+        "retry": {"max_attempts": 0},
+        "bogus": 1,
+    })
+    result = run_cli("--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("orproxy: configuration error:\n")
+    found = problems(result.stderr)
+    expected_prefixes = [
+        "bogus: unknown section",
+        "server.port: must be an integer",
+        "server.log_level: must be one of",
+        "server.colour: unknown setting",
+        "openrouter.key_selection_strategy: must be one of",
+        "openrouter.rate_limit_cooldown: must be between",
+        "openrouter.base_url: must start with http:// or https://",
+        "retry.max_attempts: must be between 1 and 100, got 0",
+        "server.access_key: required",
+        "openrouter.keys[0]: not an OpenRouter key",
+        "openrouter.keys[2]: duplicate of openrouter.keys[1]",
+        "openrouter.keys[3]: not an OpenRouter key",
+        "openrouter.keys[4]: must be a string",
+    ]
+    for prefix in expected_prefixes:
+        assert sum(p.startswith(prefix) for p in found) == 1, (prefix, found)
+    assert len(found) == len(expected_prefixes), found
+    # every key is shown masked only
+    assert "not…cdef" in result.stderr
+    assert "sk-or-…3210" in result.stderr
+    assert "sk-or-…0001" in result.stderr
+    for secret in (BAD_KEY, SPACED_KEY, KEYS[0], "secret part", "1234567890abcdef"):
+        assert secret not in result.stderr
+
+
+def test_invalid_env_key_is_reported_masked(tmp_path: Path) -> None:
+    env = clean_env(OPENROUTER_KEYS=f"{KEYS[1]}, sk-live-abcdefghijklmnop1234 ,",
+                    ORPROXY_ACCESS_KEY=ACCESS_KEY)
+    result = run_cli("--check", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert problems(result.stderr) == [
+        "OPENROUTER_KEYS[1]: not an OpenRouter key (must start with 'sk-or-'): sk-…1234"]
+    assert "abcdefghijklmnop" not in result.stderr
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    result = run_cli("--config", str(tmp_path / "nope.yml"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert problems(result.stderr) == [f"{tmp_path / 'nope.yml'}: no such file"]
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_yaml_is_an_error_without_leaking_keys(tmp_path: Path) -> None:
+    secret = "sk-or-v1-secret-aaaaaaaaaaaaaaa1"
+    config = write_config(tmp_path / "broken.yml",
+                          f'server:\n  access_key: abc\nopenrouter:\n  keys: [{secret}, "x]\n')
+    result = run_cli("--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    [problem] = problems(result.stderr)
+    assert problem.startswith(f"{config}: not valid YAML")
+    assert "Traceback" not in result.stderr
+    assert secret not in result.stderr
+
+
+def test_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "latin1.yml"
+    config.write_bytes(b"# r\xe9glages\nserver:\n  access_key: abc\n")
+    result = run_cli("--config", str(config), "--check", cwd=tmp_path)
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    [problem] = problems(result.stderr)
+    assert problem.startswith(f"{config}: ")
+
+
+def test_config_path_that_is_a_directory_is_a_config_error(tmp_path: Path) -> None:
+    result = run_cli("--config", str(tmp_path), "--check", cwd=tmp_path)
+    assert result.returncode == 2
+    assert problems(result.stderr) == [f"{tmp_path}: cannot read (Is a directory)"]
+    assert "Traceback" not in result.stderr
+
+
+def test_config_that_is_not_a_mapping_is_a_config_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "list.yml", "- a\n- b\n")
+    result = run_cli("--config", str(config), "--check", cwd=tmp_path)
+    assert result.returncode == 2
+    assert problems(result.stderr) == ["(top level): must be a mapping, got list"]
+
+
+def test_no_config_and_no_env_lists_what_is_missing(tmp_path: Path) -> None:
+    result = run_cli("--check", cwd=tmp_path)
+    assert result.returncode == 2
+    found = problems(result.stderr)
+    assert len(found) == 2
+    assert found[0].startswith("server.access_key: required")
+    assert found[1].startswith("openrouter.keys: at least one key is required")
+
+
+def test_check_on_a_good_config(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "good.yml", {
+        "server": {"port": 8080, "access_key": ACCESS_KEY},
+        "openrouter": {"keys": [KEYS[0], {"key": KEYS[1], "account": "acct"}],
+                       "key_selection_strategy": "first", "global_rate_delay": 1.5},
+        "requestProxy": {"enabled": False, "url": None},
+    })
+    result = run_cli("--config", str(config), "--check", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "configuration OK: 2 key(s)\n"
+    assert result.stderr == ""
+
+
+def test_check_from_the_environment_only(tmp_path: Path) -> None:
+    env = clean_env(OPENROUTER_KEYS=",".join(KEYS), ORPROXY_ACCESS_KEY=ACCESS_KEY)
+    result = run_cli("--check", cwd=tmp_path, env=env)  # no ./config.yml here
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "configuration OK: 3 key(s)\n"
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"orproxy exited early with {proc.returncode}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("orproxy did not start listening")
+
+
+@contextlib.contextmanager
+def running(cwd: Path, args: list[str], env: dict[str, str], port: int,
+            log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "orproxy", *args], cwd=cwd, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_listening(proc, port)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def get_json(port: int, path: str, headers: dict[str, str] | None = None,
+             ) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_env_start_serves_health_and_stops_on_signal(tmp_path: Path, sig: signal.Signals
+                                                     ) -> None:
+    port = free_port()
+    write_config(tmp_path / "config.yml", {"server": {"port": port}})  # found as ./config.yml
+    env = clean_env(OPENROUTER_KEYS=f" {KEYS[0]} ,{KEYS[2]}", ORPROXY_ACCESS_KEY=ACCESS_KEY)
+    log = tmp_path / "stderr.log"
+    with running(tmp_path, [], env, port, log) as proc:
+        status, doc = get_json(port, "/health")
+        assert status == 200
+        assert doc["status"] == "ok"
+        assert doc["keys"] == {"available": 2, "cooling": 0, "disabled": 0, "total": 2}
+        status, doc = get_json(port, "/api/v1/chat/completions")
+        assert status == 401  # the access key from the environment is enforced
+        # an idle keep-alive connection must not hold the shutdown for the 30 s grace period
+        idle = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            idle.request("GET", "/health")
+            first = idle.getresponse()
+            assert first.status == 200 and not first.will_close
+            first.read()
+            proc.send_signal(sig)
+            assert proc.wait(timeout=15) == 0
+            assert idle.sock is not None
+            assert idle.sock.recv(1) == b""  # closed by the server, nothing more sent
+        finally:
+            idle.close()
+    stderr = log.read_text()
+    assert "Traceback" not in stderr
+    assert f"listening on 127.0.0.1:{port}" in stderr
+    assert re.search(r"INFO orproxy\.app stopped$", stderr, re.MULTILINE), stderr
+    for secret in (KEYS[0], KEYS[2], ACCESS_KEY):
+        assert secret not in stderr
+
+
+def test_port_in_use_fails_with_a_clear_message(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "c.yml", {
+            "server": {"port": port, "access_key": ACCESS_KEY},
+            "openrouter": {"keys": KEYS},
+        })
+        result = run_cli("--config", str(config), cwd=tmp_path)
+    assert result.returncode not in (0, 2)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "cannot start" in result.stderr
+    assert "address already in use" in result.stderr.lower()
+
+
+# --- graceful shutdown with a request in flight ------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_sigterm_lets_a_running_stream_finish(
+    fake: FakeOpenRouter, ca_file: str, tmp_path: Path
+) -> None:
+    gate = asyncio.Event()
+
+    async def script(req: Recorded, resp: Responder) -> None:
+        await resp.head(200, [(b"Content-Type", b"text/event-stream")])
+        await resp.data(b'data: {"n":1}\n\n')
+        await asyncio.wait_for(gate.wait(), 15)
+        await resp.data(b'data: {"n":2}\n\n')
+        await resp.data(b"data: [DONE]\n\n")
+        await resp.end()
+
+    fake.script = script
+    port = free_port()
+    config = write_config(tmp_path / "c.yml", {
+        "server": {"port": port, "access_key": ACCESS_KEY},
+        "openrouter": {"keys": KEYS, "ca_file": ca_file,
+                       "base_url": f"https://127.0.0.1:{fake.port}/api/v1"},
+    })
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "orproxy", "--config", str(config), cwd=tmp_path,
+            env=clean_env(), stdout=asyncio.subprocess.DEVNULL, stderr=err)
+    try:
+        await wait_listening_async(proc, port)
+        received = b""
+        async with httpx.AsyncClient(timeout=20) as client, client.stream(
+            "POST", f"http://127.0.0.1:{port}/api/v1/chat/completions",
+            headers={"Authorization": f"Bearer {ACCESS_KEY}"},
+            json={"model": "m", "messages": [], "stream": True},
+        ) as resp:
+            assert resp.status_code == 200
+            async for data in resp.aiter_raw():
+                received += data
+                if data == b'data: {"n":1}\n\n':
+                    proc.send_signal(signal.SIGTERM)
+                    await wait_refusing(port)  # stopped accepting new connections...
+                    assert proc.returncode is None  # ...but still serving this one
+                    gate.set()
+        assert received == b'data: {"n":1}\n\ndata: {"n":2}\n\ndata: [DONE]\n\n'
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    stderr = log.read_text()
+    assert "Traceback" not in stderr
+    assert "stopped" in stderr
+    assert "cut off" not in stderr
+    assert "status=200" in stderr  # the access log line of the stream
+    for secret in (*KEYS, ACCESS_KEY):
+        assert secret not in stderr
+
+
+async def wait_listening_async(proc: asyncio.subprocess.Process, port: int) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        assert proc.returncode is None, f"orproxy exited early with {proc.returncode}"
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise AssertionError("orproxy did not start listening")
+
+
+async def wait_refusing(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except (ConnectionRefusedError, ConnectionResetError):  # reset: closed in the backlog
+            return
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        await asyncio.sleep(0.05)
+    raise AssertionError("orproxy still accepts connections after SIGTERM")
