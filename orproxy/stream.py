@@ -15,6 +15,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from orproxy.errors import StreamClosed, StreamTimeout
 
@@ -42,7 +43,8 @@ class Stream(asyncio.Protocol):
     # --- asyncio.Protocol callbacks --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports do not subclass asyncio.Transport but offer the same methods
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -181,8 +183,7 @@ class Stream(asyncio.Protocol):
                                              ssl_handshake_timeout=timeout)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             raise StreamClosed(f"TLS handshake failed: {exc}") from exc
-        assert isinstance(new, asyncio.Transport)
-        self.transport = new
+        self.transport = cast(asyncio.Transport, new)
 
     # --- internals --------------------------------------------------------------------------
 
