@@ -1,0 +1,244 @@
+"""Processes under test: the fake upstream, nginx and orproxy (start, readiness, stop).
+
+Every server is started with ``taskset`` on the servers' CPU set so that all
+three subjects get the same placement.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from bench import nginx_conf
+from bench.procstats import ProcTree
+from bench.settings import (
+    ACCESS_KEY,
+    HOST,
+    MODELS_PATH,
+    REPO_ROOT,
+    STATS_PATH,
+    UPSTREAM_KEYS,
+)
+
+
+class StartError(RuntimeError):
+    """A server did not come up."""
+
+
+def http_status(port: int, path: str, timeout: float = 1.0) -> int:
+    """GET ``path`` on loopback; returns the status or 0 when unreachable."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    except (OSError, http.client.HTTPException):
+        return 0
+    finally:
+        conn.close()
+
+
+def port_in_use(port: int) -> bool:
+    return http_status(port, "/", timeout=0.3) != 0
+
+
+def pin_prefix(cpus: tuple[int, ...]) -> list[str]:
+    return ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
+
+
+class Service:
+    """A long-running server process with a log file."""
+
+    name = "service"
+    ready_path = "/"
+
+    def __init__(self, port: int, workdir: Path, cpus: tuple[int, ...]) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.cpus = cpus
+        self.log_path = workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def start(self, timeout: float = 30.0) -> None:
+        if port_in_use(self.port):
+            raise StartError(f"{self.name}: port {self.port} already in use")
+        with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                pin_prefix(self.cpus) + self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO_ROOT,
+                env=self.env(),
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise StartError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            if http_status(self.port, self.ready_path) == 200:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise StartError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit code."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def tree(self) -> ProcTree:
+        assert self.proc is not None
+        return ProcTree([self.proc.pid])
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+class Upstream(Service):
+    """The fake OpenRouter (bench.fake_upstream), one process."""
+
+    name = "upstream"
+    ready_path = STATS_PATH
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "bench.fake_upstream",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+        ]
+
+
+class Nginx(Service):
+    """Debian's nginx-light with a generated config under the temp dir."""
+
+    name = "nginx"
+    ready_path = MODELS_PATH
+
+    def __init__(self, port: int, workdir: Path, cpus: tuple[int, ...], upstream_port: int) -> None:
+        super().__init__(port, workdir, cpus)
+        self.prefix = workdir / "nginx"
+        self.prefix.mkdir(parents=True, exist_ok=True)
+        self.conf = self.prefix / "nginx.conf"
+        self.conf.write_text(nginx_conf.render(self.prefix, port, HOST, upstream_port))
+
+    def command(self) -> list[str]:
+        return [
+            "nginx",
+            "-p",
+            str(self.prefix),
+            "-c",
+            str(self.conf),
+            "-e",
+            str(self.prefix / "error.log"),
+        ]
+
+    def log_text(self) -> str:
+        try:
+            return (self.prefix / "error.log").read_text(errors="replace") + super().log_text()
+        except OSError:
+            return super().log_text()
+
+
+class Orproxy(Service):
+    """``python -m orproxy --config PATH`` with a generated bench config."""
+
+    name = "orproxy"
+    ready_path = "/health"
+
+    def __init__(self, port: int, workdir: Path, cpus: tuple[int, ...], upstream_port: int) -> None:
+        super().__init__(port, workdir, cpus)
+        self.config = workdir / "orproxy.yaml"
+        self.config.write_text(yaml.safe_dump(orproxy_config(port, upstream_port), sort_keys=False))
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "orproxy", "--config", str(self.config)]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
+        return env
+
+
+def orproxy_config(port: int, upstream_port: int) -> dict[str, object]:
+    return {
+        "server": {
+            "host": HOST,
+            "port": port,
+            "access_key": ACCESS_KEY,
+            "log_level": "WARNING",
+            "http_log_level": "WARNING",
+        },
+        "openrouter": {
+            "keys": list(UPSTREAM_KEYS),
+            "base_url": f"http://{HOST}:{upstream_port}/api/v1",
+            "enable_cache": False,
+        },
+    }
+
+
+def orproxy_importable() -> tuple[bool, str]:
+    """Whether ``import orproxy.__main__`` works from the repo root."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import orproxy.__main__"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return proc.returncode == 0, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+
+
+class Subject:
+    """What a workload talks to: a port, and the process tree charged for the work."""
+
+    def __init__(self, name: str, port: int, service: Service) -> None:
+        self.name = name
+        self.port = port
+        self.service = service  # for "direct", the upstream itself
+
+    @property
+    def is_proxy(self) -> bool:
+        return self.name != "direct"
+
+    def tree(self) -> ProcTree:
+        return self.service.tree()
