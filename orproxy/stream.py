@@ -39,6 +39,11 @@ class Stream(asyncio.Protocol):
         # Called once when the peer sends EOF or the connection is lost: lets the owner
         # notice a client that went away while nobody is reading.
         self.on_peer_gone: Callable[[], None] | None = None
+        # Push mode (see ``set_consumer``): bytes go straight to a callback, no task wake-up.
+        self._consumer: Callable[[bytes], None] | None = None
+        self._consumer_end: Callable[[], None] | None = None
+        # Called when a paused writer may write again (push-mode backpressure).
+        self.on_writable: Callable[[], None] | None = None
 
     # --- asyncio.Protocol callbacks --------------------------------------------------------
 
@@ -54,16 +59,19 @@ class Stream(asyncio.Protocol):
             self._on_made(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._consumer is not None:
+            self._consumer(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered >= READ_HIGH_WATER and not self._read_paused and self.transport:
-            self._read_paused = True
-            self.transport.pause_reading()
+        if self._buffered >= READ_HIGH_WATER:
+            self.pause_reading()
         self._wake_reader()
 
     def eof_received(self) -> bool:
         self._eof = True
         self._wake_reader()
+        self._end_consumer()
         self._peer_gone()
         return True  # keep the write side open: the owner decides when to close
 
@@ -74,6 +82,7 @@ class Stream(asyncio.Protocol):
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(StreamClosed("connection lost"))
+        self._end_consumer()
         self._peer_gone()
 
     def pause_writing(self) -> None:
@@ -84,6 +93,42 @@ class Stream(asyncio.Protocol):
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self.on_writable is not None:
+            self.on_writable()
+
+    # --- push mode ------------------------------------------------------------------------
+
+    def set_consumer(self, on_data: Callable[[bytes], None], on_end: Callable[[], None]) -> None:
+        """Hand every received byte to ``on_data`` as it arrives (bytes already buffered
+        first), and call ``on_end`` once at EOF or loss. Used to relay a body inside the
+        I/O callback instead of waking a task per chunk."""
+        self._consumer, self._consumer_end = on_data, on_end
+        if self._chunks:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            on_data(data)
+        if self._eof and self._consumer is not None:
+            self._end_consumer()
+
+    def clear_consumer(self) -> None:
+        self._consumer = self._consumer_end = None
+
+    def pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self._lost:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self._lost:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def _end_consumer(self) -> None:
+        end = self._consumer_end
+        self._consumer = self._consumer_end = None
+        if end is not None:
+            end()
 
     # --- the pull interface -----------------------------------------------------------------
 
@@ -105,9 +150,7 @@ class Stream(asyncio.Protocol):
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
-        if self._read_paused and self.transport is not None and not self._lost:
-            self._read_paused = False
-            self.transport.resume_reading()
+        self.resume_reading()
         return data
 
     def write(self, data: bytes) -> None:
@@ -135,6 +178,10 @@ class Stream(asyncio.Protocol):
         finally:
             if timer is not None:
                 timer.cancel()
+
+    @property
+    def lost(self) -> BaseException | None:
+        return self._lost
 
     @property
     def at_eof(self) -> bool:

@@ -30,11 +30,13 @@ from orproxy.errors import (
 )
 from orproxy.http import headers as hdr
 from orproxy.http.auth import check_access
+from orproxy.http.relay import BodyRelay
 from orproxy.http.routing import Route, RouteKind, route
 from orproxy.http.server_conn import ServerConnection
 from orproxy.http.validate import check_request_head
 from orproxy.keys import KeyPool
 from orproxy.stream import Stream
+from orproxy.upstream.connection import UpstreamConnection
 from orproxy.upstream.exchange import (
     Exchanger,
     ExchangeResult,
@@ -276,11 +278,12 @@ class ConnectionHandler:
                           metadata={"retry_after_seconds": seconds})
 
     async def _relay(self, result: ExchangeResult, ex: Exchange) -> None:
-        """Pass the upstream response on: head, read-ahead, then the body as it arrives."""
+        """Pass the upstream response on: the head with whatever body is already here in
+        one write, then the rest as it arrives (BodyRelay)."""
         resp, conn = result.response, result.conn
-        sc, pool = self.sc, self.ctx.upstream
-        timeout = self.ctx.config.timeouts.upstream_idle_seconds
+        timeouts = self.ctx.config.timeouts
         body, ended = result.body, result.ended
+        relay: BodyRelay | None = None
         try:
             if conn is not None and not ended:
                 more, ended = conn.take_buffered()
@@ -290,36 +293,40 @@ class ConnectionHandler:
                                                   close=self.ctx.draining)
             events: list[h11.Event] = [h11.Response(status_code=resp.status_code,
                                                     headers=headers, reason=resp.reason)]
+            if body:
+                events.append(h11.Data(data=body))
+            if ended:
+                events.append(h11.EndOfMessage())
             ex.status = resp.status_code
-            while True:
-                if body:
-                    events.append(h11.Data(data=body))
-                    ex.sent_bytes += len(body)
-                if ended:
-                    events.append(h11.EndOfMessage())
-                sc.send(*events)
-                if ended:
-                    break
-                await sc.drain()
+            ex.sent_bytes = len(body)
+            self.sc.send(*events)
+            if not ended:
                 assert conn is not None
-                body, ended = await conn.receive_body(timeout)
-                events = []
+                relay = BodyRelay(conn, self.sc, idle_timeout=timeouts.upstream_idle_seconds,
+                                  write_timeout=timeouts.client_write_seconds)
+                await relay.start()
         except UpstreamError as exc:
             # after our head went out: end the client connection without a final chunk
             ex.outcome = "aborted"
             log.warning("upstream failed mid-response rid=%s: %s", ex.request_id.decode(),
                         exc.message)
-            if conn is not None:
-                pool.discard(conn)
+            self._drop(conn)
             self.stream.close()
             return
         except BaseException:
-            if conn is not None:
-                pool.discard(conn)
+            self._drop(conn)
             raise
+        finally:
+            if relay is not None:
+                relay.stop()
+                ex.sent_bytes += relay.sent
+            self.ctx.metrics.bytes_sent(ex.sent_bytes)
         if conn is not None:
-            pool.release(conn)
-        self.ctx.metrics.bytes_sent(ex.sent_bytes)
+            self.ctx.upstream.release(conn)
+
+    def _drop(self, conn: UpstreamConnection | None) -> None:
+        if conn is not None:
+            self.ctx.upstream.discard(conn)
 
     # --- responses the proxy makes itself ---------------------------------------------------
 
