@@ -10,8 +10,6 @@ import html
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import psutil
-
 from orproxy.keys import KeyView
 
 if TYPE_CHECKING:
@@ -30,6 +28,8 @@ def render(keys: Sequence[KeyView], metrics: Metrics) -> bytes:
         f"<td>{k.cooling_seconds:.0f}</td><td>{html.escape(k.reason)}</td><td>{k.uses}</td></tr>"
         for k in keys
     )
+    import psutil  # only the dashboard needs it: not loaded until the first page view
+
     proc = psutil.Process()
     with proc.oneshot():
         rss = proc.memory_info().rss / 1e6

@@ -48,8 +48,10 @@ class Metrics:
         self._accepted = Counter("orproxy_client_connections_accepted", "Client connections "
                                  "accepted", registry=r)
         ProcessCollector(registry=r)
+        # label children looked up once: .labels() costs a lock and a dict build per call
         self._children: dict[tuple[str, int], tuple[Callable[[], None],
                                                     Callable[[float], None]]] = {}
+        self._attempt_children: dict[str, Callable[[], None]] = {}
 
     def watch(self, keys: KeyPool, pool: UpstreamPool) -> None:
         self.registry.register(_StateCollector(keys, pool))
@@ -71,7 +73,10 @@ class Metrics:
         pair[1](seconds)
 
     def attempt(self, outcome: str) -> None:
-        self._attempts.labels(outcome).inc()
+        inc = self._attempt_children.get(outcome)
+        if inc is None:
+            inc = self._attempt_children[outcome] = self._attempts.labels(outcome).inc
+        inc()
 
     def bytes_sent(self, n: int) -> None:
         if n:

@@ -159,6 +159,16 @@ class Stream(asyncio.Protocol):
             raise StreamClosed("write on a closed connection")
         transport.write(data)
 
+    def writelines(self, parts: list[bytes]) -> None:
+        """Several buffers in one call (uvloop sends them with one writev)."""
+        if len(parts) == 1:
+            self.write(parts[0])
+            return
+        transport = self.transport
+        if transport is None or self._lost is not None or transport.is_closing():
+            raise StreamClosed("write on a closed connection")
+        transport.writelines(parts)
+
     @property
     def needs_drain(self) -> bool:
         return self._write_paused

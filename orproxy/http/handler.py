@@ -10,6 +10,7 @@ after it, a failure closes the connection so a truncated body never looks comple
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -361,8 +362,14 @@ class ConnectionHandler:
                 ex.outcome, ex.sent_bytes)
 
 
+_ID_PREFIX = os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
 def _new_request_id() -> bytes:
-    return os.urandom(12).hex().encode()
+    """Unique per process (a random prefix per start, then a counter): no syscall per
+    request, unlike os.urandom."""
+    return f"{_ID_PREFIX}{next(_id_counter):012x}".encode()
 
 
 def _whole_seconds(seconds: float) -> int:

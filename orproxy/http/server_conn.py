@@ -104,14 +104,13 @@ class ServerConnection:
         return self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE)
 
     def send(self, *events: h11.Event) -> None:
-        """Frame events with h11 and write them in one write."""
-        out = b""
+        """Frame events with h11 and hand them to the socket in one call. Body bytes are
+        passed through as they are (no join, no copy), framing bytes around them."""
+        parts: list[bytes] = []
         for event in events:
-            data = self.h11.send(event)
-            if data:
-                out += data
-        if out:
-            self.stream.write(out)
+            parts += self.h11.send_with_data_passthrough(event) or ()
+        if parts:
+            self.stream.writelines(parts)
 
     async def drain(self) -> None:
         if self.stream.needs_drain:
