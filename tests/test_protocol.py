@@ -421,3 +421,26 @@ async def test_slow_body_is_cut_off_with_408(make_proxy: ProxyFactory, fake: Fak
 async def test_garbage_gets_400_json(proxy: App) -> None:
     await error_and_close(proxy.port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" * 4 +
                           b"\r\n\r\n", 400)
+
+
+async def test_cors_preflight_goes_up_without_any_key(proxy: App, fake: FakeOpenRouter) -> None:
+    """Browsers send preflights without credentials; OpenRouter answers them itself."""
+    async def script(req: Recorded, resp: Responder) -> None:
+        await resp.head(204, [(b"Access-Control-Allow-Origin", b"*"),
+                              (b"Access-Control-Allow-Headers", b"authorization,content-type")])
+        await resp.end()
+
+    fake.script = script
+    resp = await roundtrip(proxy.port, b"OPTIONS /api/v1/chat/completions HTTP/1.1\r\nHost: a\r\n"
+                           b"Origin: https://app.example\r\nAccess-Control-Request-Method: POST\r\n"
+                           b"\r\n", b"OPTIONS")
+    assert resp.status == 204
+    assert resp.header(b"access-control-allow-origin") == b"*"
+    sent = fake.requests[0]
+    assert sent.method == b"OPTIONS"
+    assert sent.header(b"authorization") is None
+    # an OPTIONS that is no preflight still needs the access key
+    resp = await roundtrip(proxy.port, b"OPTIONS /api/v1/chat/completions HTTP/1.1\r\nHost: a\r\n"
+                           b"\r\n", b"OPTIONS")
+    assert_error(resp, 401)
+    assert len(fake.requests) == 1

@@ -231,7 +231,11 @@ class ConnectionHandler:
     async def _forward(self, request: h11.Request, target: Route, ex: Exchange) -> None:
         ctx, sc = self.ctx, self.sc
         bodiless = sc.end_if_bodiless(request)
-        if not target.public and not check_access(request.headers, ctx.access_key):
+        # A CORS preflight carries no credentials by design and can do nothing: it goes up
+        # like a public endpoint, so browser clients get OpenRouter's own CORS answer.
+        public = target.public or (request.method == b"OPTIONS" and any(
+            n == b"access-control-request-method" for n, _ in request.headers))
+        if not public and not check_access(request.headers, ctx.access_key):
             # a body the client may still send is not read: answer, then close
             self._local_error(ex, 401, "missing or invalid access key", close=not bodiless,
                               extra=[(b"WWW-Authenticate", b"Bearer")])
@@ -242,8 +246,7 @@ class ConnectionHandler:
         framed = any(n in (b"content-length", b"transfer-encoding") for n, _ in request.headers)
         body = b"" if bodiless else await sc.read_body(request)
         req = UpstreamRequest(request.method, ctx.base_path + target.path,
-                              request.headers.raw_items(), body, framed, ex.request_id,
-                              target.public)
+                              request.headers.raw_items(), body, framed, ex.request_id, public)
         self._forwarding = True
         try:
             if self._client_gone:
