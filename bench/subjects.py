@@ -183,7 +183,8 @@ class Orproxy(Service):
     def __init__(self, port: int, workdir: Path, cpus: tuple[int, ...], upstream_port: int) -> None:
         super().__init__(port, workdir, cpus)
         self.config = workdir / "orproxy.yaml"
-        self.config.write_text(yaml.safe_dump(orproxy_config(port, upstream_port), sort_keys=False))
+        config = orproxy_config(port, upstream_port)
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "orproxy", "--config", str(self.config)]

@@ -8,7 +8,6 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable
 
 from orproxy import __version__
 from orproxy.app import App
@@ -45,31 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(config.server.log_level, config.server.http_log_level)
     try:
-        loop_factory = event_loop_factory(config.server.event_loop)
-    except ImportError:
-        print("orproxy: server.event_loop is uvloop but uvloop is not installed "
-              "(pip install 'orproxy[fast]')", file=sys.stderr)
-        return 2
-    try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(App(config).serve())
+        asyncio.run(App(config).serve())
     except OSError as exc:  # e.g. the port is taken
         logging.getLogger("orproxy").error("cannot start: %s", exc)
         return 1
     return 0
-
-
-def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when asked for, or when installed and the choice is "auto"; else asyncio's."""
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise
-        return None
-    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

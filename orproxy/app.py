@@ -75,12 +75,11 @@ class App:
             reuse_address=True, backlog=1024,
         )
         o = self.config.openrouter
-        log.info("listening on %s:%d; upstream %s://%s:%d%s; %d key(s) [%s]; strategy %s%s; "
-                 "event loop %s", server_cfg.host, self.port, o.base_url.scheme,
-                 o.base_url.host, o.base_url.port, o.base_url.path, len(o.keys),
+        log.info("listening on %s:%d; upstream %s://%s:%d%s; %d key(s) [%s]; strategy %s%s",
+                 server_cfg.host, self.port, o.base_url.scheme, o.base_url.host,
+                 o.base_url.port, o.base_url.path, len(o.keys),
                  ", ".join(v.id for v in self.ctx.keys.snapshot()), o.key_selection_strategy,
-                 " +same" if "same" in o.key_selection_opts else "",
-                 type(loop).__module__.split(".")[0])
+                 " +same" if "same" in o.key_selection_opts else "")
 
     def _on_connection(self, stream: Stream) -> None:
         if self.ctx.draining or len(self._tasks) >= self.config.limits.max_connections:

@@ -22,7 +22,6 @@ from orproxy.keys import KEY_PREFIX, STRATEGIES, mask_key
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 PROXY_SCHEMES = ("socks5", "socks5h", "http")
-EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 
 class ConfigError(Exception):
@@ -75,7 +74,6 @@ class ServerConfig:
     access_key: str = ""
     log_level: str = "INFO"
     http_log_level: str = "INFO"
-    event_loop: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -246,7 +244,6 @@ SCHEMA: dict[str, dict[str, tuple[str, Checker]]] = {
         "access_key": ("access_key", _str),
         "log_level": ("log_level", _choice(LOG_LEVELS, upper=True)),
         "http_log_level": ("http_log_level", _choice(LOG_LEVELS, upper=True)),
-        "event_loop": ("event_loop", _choice(EVENT_LOOPS)),
     },
     "openrouter": {
         "keys": ("keys", lambda v: (v, None)),  # checked on its own: positions, masking

@@ -48,7 +48,7 @@ class Stream(asyncio.Protocol):
     # --- asyncio.Protocol callbacks --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport but offer the same methods
+        # other loops' transports (uvloop's) need not subclass asyncio.Transport
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         sock = transport.get_extra_info("socket")
@@ -160,7 +160,7 @@ class Stream(asyncio.Protocol):
         transport.write(data)
 
     def writelines(self, parts: list[bytes]) -> None:
-        """Several buffers in one call (uvloop sends them with one writev)."""
+        """Several buffers in one call, without joining them first."""
         if len(parts) == 1:
             self.write(parts[0])
             return
