@@ -135,16 +135,11 @@ class Stream(asyncio.Protocol):
     async def read(self, timeout: float | None) -> bytes:
         """Bytes received so far, waiting up to ``timeout`` for some; b"" at EOF."""
         if not self._chunks and not self._eof:
-            waiter = self._loop.create_future()
-            self._read_waiter = waiter
-            timer = (self._loop.call_later(timeout, _expire, waiter, "read timed out")
-                     if timeout is not None else None)
+            self._read_waiter = self._loop.create_future()
             try:
-                await waiter
+                await self._wait(self._read_waiter, timeout, "read timed out")
             finally:
                 self._read_waiter = None
-                if timer is not None:
-                    timer.cancel()
         if not self._chunks:
             return b""
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
@@ -179,9 +174,13 @@ class Stream(asyncio.Protocol):
             raise StreamClosed("connection lost")
         if not self._write_paused:
             return
-        waiter = self._loop.create_future()
-        self._drain_waiter = waiter
-        timer = (self._loop.call_later(timeout, _expire, waiter, "write timed out")
+        self._drain_waiter = self._loop.create_future()
+        await self._wait(self._drain_waiter, timeout, "write timed out")
+
+    async def _wait(self, waiter: asyncio.Future[None], timeout: float | None,
+                    message: str) -> None:
+        """Await a waiter with one timer (cheaper than an asyncio.timeout() context)."""
+        timer = (self._loop.call_later(timeout, _expire, waiter, message)
                  if timeout is not None else None)
         try:
             await waiter

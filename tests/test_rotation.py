@@ -11,7 +11,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Container
 from email.utils import formatdate
 from typing import Any
 
@@ -60,9 +60,9 @@ def per_key(handler: Handler) -> Callable[[Recorded, Responder], Awaitable[None]
     return script
 
 
-def limited_keys(limited: Iterable[int], body_for: Callable[[int], Any]) -> Handler:
-    """429 ``body_for(i)`` on the keys in ``limited``; a completion on the others."""
-    limited = set(limited)
+def limited_keys(limited: Container[int], body_for: Callable[[int], Any]) -> Handler:
+    """429 ``body_for(i)`` on the keys in ``limited`` (a live view: a test may add keys
+    later); a completion on the others."""
 
     async def handler(i: int, req: Recorded, resp: Responder) -> None:
         if i in limited:
@@ -524,14 +524,7 @@ async def test_strategy_first_uses_the_first_usable_key(
 ) -> None:
     app = await make_proxy(openrouter={"key_selection_strategy": "first"})
     limited: set[int] = set()
-
-    async def handler(i: int, req: Recorded, resp: Responder) -> None:
-        if i in limited:
-            await resp.json(429, rate_limited_body(reset_ms(60)))
-        else:
-            await resp.json(200, completion())
-
-    fake.script = per_key(handler)
+    fake.script = per_key(limited_keys(limited, lambda i: rate_limited_body(reset_ms(60))))
     for _ in range(4):
         assert (await chat(app.port)).status == 200
     assert used_keys(fake) == [0, 0, 0, 0]
@@ -571,14 +564,7 @@ async def test_key_selection_same_sticks_to_the_last_key(
 ) -> None:
     app = await make_proxy(openrouter={"key_selection_opts": ["same"]})
     limited: set[int] = set()
-
-    async def handler(i: int, req: Recorded, resp: Responder) -> None:
-        if i in limited:
-            await resp.json(429, rate_limited_body(reset_ms(60)))
-        else:
-            await resp.json(200, completion())
-
-    fake.script = per_key(handler)
+    fake.script = per_key(limited_keys(limited, lambda i: rate_limited_body(reset_ms(60))))
     for _ in range(3):
         assert (await chat(app.port)).status == 200
     assert used_keys(fake) == [0, 0, 0]
