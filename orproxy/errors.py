@@ -36,6 +36,7 @@ class UpstreamError(Exception):
     """
 
     status = 502
+    public_message = "upstream failed"  # what the client is told; details are logged only
 
     def __init__(self, message: str, *, before_response: bool = True) -> None:
         super().__init__(message)
@@ -46,15 +47,20 @@ class UpstreamError(Exception):
 class UpstreamConnectError(UpstreamError):
     """The upstream (or the outgoing proxy) could not be reached."""
 
+    public_message = "upstream unreachable"
+
 
 class UpstreamTimeout(UpstreamError):
     """The upstream did not answer, or stalled mid-body, within its timeout."""
 
     status = 504
+    public_message = "upstream timed out"
 
 
 class UpstreamProtocolError(UpstreamError):
     """The upstream broke HTTP/1.1 or closed the connection early."""
+
+    public_message = "upstream sent an invalid or incomplete response"
 
 
 def error_body(status: int, message: str, metadata: dict[str, Any] | None = None) -> bytes:

@@ -107,6 +107,7 @@ class Stream(asyncio.Protocol):
             data = b"".join(self._chunks)
             self._chunks.clear()
             self._buffered = 0
+            self.resume_reading()
             on_data(data)
         if self._eof and self._consumer is not None:
             self._end_consumer()
@@ -197,6 +198,11 @@ class Stream(asyncio.Protocol):
         return self._eof and not self._chunks
 
     @property
+    def quiet(self) -> bool:
+        """Open, nothing unread, no EOF: safe to send a new request on (keep-alive reuse)."""
+        return not self._chunks and not self._eof and not self.is_closed
+
+    @property
     def is_closed(self) -> bool:
         return self._lost is not None or self.transport is None or self.transport.is_closing()
 
@@ -217,12 +223,18 @@ class Stream(asyncio.Protocol):
                     break
         except (StreamClosed, StreamTimeout, OSError):
             pass
-        self.close()
+        self.close(seconds)
 
-    def close(self) -> None:
-        """Flush what was written, then close."""
-        if self.transport is not None:
-            self.transport.close()
+    def close(self, flush_seconds: float | None = None) -> None:
+        """Flush what was written, then close. With ``flush_seconds``, a peer that does not
+        take the rest within that time is cut off: close() alone would keep the socket and
+        its buffer for as long as the peer keeps its window shut."""
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        if flush_seconds is not None and transport.get_write_buffer_size():
+            self._loop.call_later(flush_seconds, transport.abort)
 
     def abort(self) -> None:
         """Close at once, dropping unsent bytes."""
@@ -232,7 +244,8 @@ class Stream(asyncio.Protocol):
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str,
                         timeout: float) -> None:
         """Upgrade this (plain, idle) connection to TLS, e.g. after a proxy tunnel."""
-        assert self.transport is not None and not self._chunks
+        if self.transport is None or self._chunks:
+            raise StreamClosed("unexpected bytes before the TLS handshake")
         try:
             new = await self._loop.start_tls(self.transport, self, context,
                                              server_hostname=server_hostname,

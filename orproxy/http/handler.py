@@ -137,7 +137,7 @@ class ConnectionHandler:
             self.ctx.metrics.connection_closed()
             if self._linger and not self._client_gone:
                 await self.stream.linger_close(LINGER_SECONDS)
-            self.stream.close()
+            self.stream.close(self.ctx.config.timeouts.client_write_seconds)
 
     async def _serve(self) -> None:
         sc = self.sc
@@ -156,6 +156,9 @@ class ConnectionHandler:
             self.busy = True
             if not await self._handle(request) or not sc.next_cycle():
                 return
+            # a client that pipelines and never reads must not grow our buffer: wait for it
+            # to take this answer before reading the next request (write timeout applies)
+            await sc.drain()
 
     async def _handle(self, request: h11.Request) -> bool:
         """Serve one request; False if the connection must close afterwards."""
@@ -240,7 +243,7 @@ class ConnectionHandler:
             self._local_error(ex, 401, "missing or invalid access key", close=not bodiless,
                               extra=[(b"WWW-Authenticate", b"Bearer")])
             return
-        expect = [v for n, v in request.headers if n == b"expect"]
+        expect = [v.lower() for n, v in request.headers if n == b"expect"]
         if expect and expect != [b"100-continue"]:
             raise ClientRequestError(417, "only Expect: 100-continue is supported")
         framed = any(n in (b"content-length", b"transfer-encoding") for n, _ in request.headers)
@@ -265,8 +268,8 @@ class ConnectionHandler:
         except UpstreamError as exc:
             ex.outcome = "upstream_error"
             log.warning("upstream failed rid=%s: %s", req.request_id.decode(), exc.message)
-            self._local_error(ex, exc.status, f"upstream: {exc.message}",
-                              close=self.ctx.draining)
+            # the details (addresses, the outgoing proxy) stay in our log
+            self._local_error(ex, exc.status, exc.public_message, close=self.ctx.draining)
             return
         ex.key_id = result.key.id if result.key else "-"
         ex.attempts, ex.outcome = result.attempts, result.outcomes[-1] if result.outcomes else "ok"

@@ -40,7 +40,7 @@ class BodyRelay:
         self._idle_timer = self._loop.call_later(self._idle, self._check_idle)
         self._client.stream.on_writable = self._client_writable
         self._up.stream.set_consumer(self._on_data, self._on_end)
-        if not self.done.done() and self._client.stream.needs_drain:
+        if not self.done.done() and not self._paused and self._client.stream.needs_drain:
             self._pause()
         return self.done
 

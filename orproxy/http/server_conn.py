@@ -8,6 +8,7 @@ nothing of routing, keys or the upstream.
 
 from __future__ import annotations
 
+import re
 import time
 
 import h11
@@ -16,13 +17,18 @@ from orproxy.config import LimitsConfig, TimeoutsConfig
 from orproxy.errors import ClientRequestError, StreamTimeout
 from orproxy.stream import Stream
 
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
 
 class ServerConnection:
     def __init__(self, stream: Stream, limits: LimitsConfig, timeouts: TimeoutsConfig) -> None:
         self.stream = stream
         self.limits = limits
         self.timeouts = timeouts
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+        # h11 alone limits heads that arrive in pieces; room for a long target as well, so
+        # that a split over-long target is answered 414 by validate, not 431 by h11
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=limits.max_head_bytes + limits.max_target_bytes)
         self.requests = 0
 
     def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
@@ -81,8 +87,10 @@ class ServerConnection:
             elif type(event) is h11.EndOfMessage:
                 return b"".join(parts)
             elif event is h11.NEED_DATA:
-                if b"\n" in self.h11.trailing_data[0]:
-                    # h11 waits for CRLF forever on a bare-LF chunk line: refuse it instead
+                if _BARE_LF.search(self.h11.trailing_data[0]):
+                    # h11 waits for CRLF forever on a bare-LF chunk line: refuse it instead.
+                    # (h11 itself checks the CRLF after chunk data, so any LF not after a CR
+                    # left unparsed here ended a chunk-size or trailer line.)
                     raise ClientRequestError(400, "bad chunked framing (bare LF)")
                 try:
                     data = await self.stream.read(self.timeouts.client_body_seconds)

@@ -38,6 +38,7 @@ class UpstreamConnection:
         self.reused = False
         self.idle_since = 0.0
         self.got_response_bytes = False
+        self.reusable_framing = True  # False once a response was framed suspiciously
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.state.value} reused={self.reused}>"
@@ -46,15 +47,15 @@ class UpstreamConnection:
         """Write the whole request in one write (head, body and end coalesced)."""
         conn = self.h11
         try:
-            data = conn.send(h11.Request(method=method, target=target, headers=headers))
-            if body:
-                data += conn.send(h11.Data(data=body))
-            data += conn.send(h11.EndOfMessage())
+            parts = conn.send_with_data_passthrough(
+                h11.Request(method=method, target=target, headers=headers)) or []
+            if body:  # passed through as it is: no copy of a large body
+                parts += conn.send_with_data_passthrough(h11.Data(data=body)) or ()
+            parts += conn.send_with_data_passthrough(h11.EndOfMessage()) or ()
         except h11.LocalProtocolError as exc:
             raise UpstreamProtocolError(f"cannot frame request: {exc}") from exc
-        assert data is not None
         try:
-            self.stream.write(data)
+            self.stream.writelines(parts)
         except StreamClosed as exc:
             raise UpstreamProtocolError("connection closed before the request was sent") from exc
 
@@ -68,6 +69,10 @@ class UpstreamConnection:
                 raise UpstreamTimeout(f"no response within {timeout:g}s",
                                       before_response=exc.before_response) from None
             if isinstance(event, h11.Response):
+                names = {name for name, _ in event.headers}
+                if b"content-length" in names and b"transfer-encoding" in names:
+                    # RFC 9112 §6.3: a sign of response splitting; use it once, never again
+                    self.reusable_framing = False
                 return event
             if not isinstance(event, h11.InformationalResponse):
                 raise UpstreamProtocolError(f"unexpected {type(event).__name__} before response")
@@ -128,9 +133,18 @@ class UpstreamConnection:
         self.h11.receive_data(data)
 
     @property
+    def clean(self) -> bool:
+        """Not one byte more than the responses so far: bytes past the end of a response (a
+        body longer than its Content-Length, anything sent while idle in the pool) would
+        otherwise be read as the answer to the next request, perhaps another client's."""
+        return (self.reusable_framing and not self.h11.trailing_data[0]
+                and self.stream.quiet)
+
+    @property
     def reusable(self) -> bool:
+        """The cycle ended cleanly on both sides (RFC 9112 §9.3)."""
         return (self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
-                and not self.stream.is_closed and not self.stream.at_eof)
+                and self.clean)
 
     def recycle(self) -> bool:
         """Prepare for the next request; False if the connection cannot be reused."""

@@ -47,15 +47,15 @@ class UpstreamPool:
         self._active = 0
         self._opened = 0
         self._reused = 0
+        self._pruned = 0.0
 
     async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
         if not fresh:
             now = time.monotonic()
             while self._idle:
                 conn = self._idle.pop()
-                if conn.stream.is_closed or conn.stream.at_eof or (
-                    now - conn.idle_since > IDLE_EXPIRY_SECONDS
-                ):
+                # anything heard while idle (EOF, a stray 408, garbage) disqualifies it
+                if not conn.clean or now - conn.idle_since > IDLE_EXPIRY_SECONDS:
                     conn.close()
                     continue
                 conn.state = ConnState.ACTIVE
@@ -73,8 +73,23 @@ class UpstreamPool:
             self._active -= 1
         if len(self._idle) < self._max_idle and conn.recycle():
             self._idle.append(conn)
+            self._prune(conn.idle_since)
         else:
             conn.close()
+
+    def _prune(self, now: float) -> None:
+        """Close idle connections the upstream has dropped (at most once a second), so they
+        do not linger half-closed until their turn comes."""
+        if now - self._pruned < 1.0:
+            return
+        self._pruned = now
+        keep = []
+        for conn in self._idle:
+            if conn.clean and now - conn.idle_since <= IDLE_EXPIRY_SECONDS:
+                keep.append(conn)
+            else:
+                conn.close()
+        self._idle = keep
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Close a connection whose cycle did not finish cleanly."""
