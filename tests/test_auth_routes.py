@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from typing import Any
@@ -534,3 +535,13 @@ async def test_dot_segments_never_reach_the_upstream(proxy: App, fake: FakeOpenR
         assert resp.status == 400, target
         error_of(resp, 400)
     assert fake.requests == []
+
+
+async def test_access_log_counts_local_response_bytes(
+    proxy: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="orproxy.access"):
+        resp = await get(proxy.port, b"/health")
+    lines = [r.getMessage() for r in caplog.records if r.name == "orproxy.access"]
+    assert len(lines) == 1
+    assert f"bytes={len(resp.body)}" in lines[0]

@@ -291,7 +291,9 @@ async def test_all_keys_cooling_gives_429_with_retry_after_of_soonest(
     error = error_of(resp)
     assert error["code"] == 429
     assert isinstance(error["message"], str) and error["message"]
-    assert error["metadata"] == {"retry_after_seconds": 10}
+    # OpenRouter's own words on the last limit come along, so users see which limit it was
+    assert error["metadata"] == {"retry_after_seconds": 10,
+                                 "upstream_message": "Rate limit exceeded: free-models-per-min."}
     assert used_keys(fake) == [0, 1, 2]
     assert states(proxy) == [C, C, C]
     # the next request is answered locally: nothing more goes upstream

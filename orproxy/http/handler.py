@@ -263,7 +263,7 @@ class ConnectionHandler:
             result = await self.ctx.exchanger.run(req)
         except NoKeyAvailable as exc:
             ex.attempts, ex.outcome = exc.attempts, "no_key"
-            self._no_key(ex, exc.retry_after, self.ctx.draining)
+            self._no_key(ex, exc, self.ctx.draining)
             return
         except UpstreamError as exc:
             ex.outcome = "upstream_error"
@@ -275,14 +275,17 @@ class ConnectionHandler:
         ex.attempts, ex.outcome = result.attempts, result.outcomes[-1] if result.outcomes else "ok"
         await self._relay(result, ex)
 
-    def _no_key(self, ex: Exchange, retry_after: float | None, close: bool) -> None:
-        if retry_after is None:
+    def _no_key(self, ex: Exchange, exc: NoKeyAvailable, close: bool) -> None:
+        if exc.retry_after is None:
             self._local_error(ex, 503, "every upstream key is disabled", close=close)
             return
-        seconds = _whole_seconds(retry_after)
+        seconds = _whole_seconds(exc.retry_after)
+        metadata: dict[str, object] = {"retry_after_seconds": seconds}
+        if exc.upstream_message:  # e.g. which of OpenRouter's limits was hit
+            metadata["upstream_message"] = exc.upstream_message
         self._local_error(ex, 429, f"every upstream key is rate limited; retry in {seconds}s",
                           close=close, extra=[(b"Retry-After", str(seconds).encode())],
-                          metadata={"retry_after_seconds": seconds})
+                          metadata=metadata)
 
     async def _relay(self, result: ExchangeResult, ex: Exchange) -> None:
         """Pass the upstream response on: the head with whatever body is already here in
@@ -346,6 +349,7 @@ class ConnectionHandler:
             events.append(h11.Data(data=body))
         events.append(h11.EndOfMessage())
         ex.status = status
+        ex.sent_bytes = 0 if head_only else len(body)
         self._linger = self._linger or close
         self.sc.send(*events)
 

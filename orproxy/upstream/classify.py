@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -23,6 +23,7 @@ OVERLOAD_MARKERS = ("temporarily rate-limited upstream", "resource_exhausted")
 OVERLOAD_SOURCES = frozenset({"openrouter_shared_capacity", "upstream_provider_shared_pool"})
 ACCOUNT_MARKERS = ("free-models-per-day",)
 ACCOUNT_SOURCES = frozenset({"openrouter_free_tier_daily"})
+MESSAGE_CHARS = 300
 MAX_COOLDOWN_SECONDS = 31 * 86400.0
 
 
@@ -40,6 +41,8 @@ class Verdict:
     cooldown_seconds: float | None = None  # reported reset, seconds from now; None: use default
     account_wide: bool = False
     reason: str = ""
+    # the upstream's own words, for the client if no key is left; informs, decides nothing
+    message: str = field(default="", compare=False)
 
     @property
     def retry(self) -> bool:
@@ -72,11 +75,12 @@ def classify(
         reset = _reset_seconds(_decode(header_map.get(b"x-ratelimit-reset")), wall_now)
     if reset is None:
         reset = retry_after_seconds(header_map.get(b"retry-after"), wall_now)
-    message = str(error.get("message", "")).lower()
-    account_wide = any(m in message for m in ACCOUNT_MARKERS) or (
+    message = str(error.get("message", ""))[:MESSAGE_CHARS]
+    lower = message.lower()
+    account_wide = any(m in lower for m in ACCOUNT_MARKERS) or (
         metadata.get("limit_source") in ACCOUNT_SOURCES
     )
-    return Verdict(Outcome.KEY_LIMITED, reset, account_wide, "429 rate limited")
+    return Verdict(Outcome.KEY_LIMITED, reset, account_wide, "429 rate limited", message)
 
 
 def _error_object(body: bytes) -> dict[str, Any]:
@@ -144,3 +148,4 @@ def retry_after_seconds(value: bytes | None, wall_now: float) -> float | None:
     if when.tzinfo is None:  # asctime dates carry no zone; HTTP dates are GMT
         when = when.replace(tzinfo=UTC)
     return min(max(when.timestamp() - wall_now, 1.0), MAX_COOLDOWN_SECONDS)
+

@@ -49,10 +49,12 @@ class ExchangeResult:
 
 
 class NoKeyAvailable(Exception):
-    def __init__(self, retry_after: float | None, attempts: int) -> None:
+    def __init__(self, retry_after: float | None, attempts: int, upstream_message: str = "",
+                 ) -> None:
         super().__init__("no upstream key available")
         self.retry_after = retry_after
         self.attempts = attempts
+        self.upstream_message = upstream_message  # OpenRouter's words on the last limit seen
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Exchanger:
         outcomes: list[str] = []
         deadline = self.keys.clock() + self.s.deadline_seconds
         overloaded: ExchangeResult | None = None
+        limited_message = ""
         while True:
             key = None
             if not req.public:
@@ -97,7 +100,8 @@ class Exchanger:
                 if key is None:
                     if overloaded is not None:
                         return overloaded
-                    raise NoKeyAvailable(self.keys.soonest_available(), len(outcomes))
+                    raise NoKeyAvailable(self.keys.soonest_available(), len(outcomes),
+                                         limited_message)
             if overloaded is not None and self.s.overload_delay > 0:
                 # the upstream asked for patience; only worth it if another try follows
                 await self._sleep(self.s.overload_delay)
@@ -111,6 +115,8 @@ class Exchanger:
                 raise
             result.key, result.outcomes = key, outcomes
             verdict = self._verdict(result, key)
+            if verdict.outcome is Outcome.KEY_LIMITED:
+                limited_message = verdict.message
             outcomes.append(verdict.outcome.value)
             result.attempts = len(outcomes)
             self._on_attempt(verdict.outcome.value)
