@@ -73,7 +73,9 @@ class Stream(asyncio.Protocol):
         self._wake_reader()
         self._end_consumer()
         self._peer_gone()
-        return True  # keep the write side open: the owner decides when to close
+        # keep the write side open (the owner decides when to close); TLS cannot half-close
+        # and asyncio warns if asked to
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = exc or StreamClosed("connection closed")
@@ -192,6 +194,12 @@ class Stream(asyncio.Protocol):
     @property
     def lost(self) -> BaseException | None:
         return self._lost
+
+    @property
+    def reset(self) -> bool:
+        """The connection ended by an error (e.g. RST), not by an orderly close: for a body
+        delimited by the close, that means truncated, not complete."""
+        return isinstance(self._lost, OSError)
 
     @property
     def at_eof(self) -> bool:

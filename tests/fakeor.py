@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +57,12 @@ class Responder:
         await self.writer.drain()
 
     def abort(self) -> None:
+        self.writer.transport.abort()
+
+    def reset(self) -> None:
+        """Drop the connection with a TCP RST (SO_LINGER 0), not an orderly close."""
+        sock = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.writer.transport.abort()
 
     async def _send(self, event: h11.Event) -> None:

@@ -200,3 +200,26 @@ async def test_upstream_failure_details_stay_in_our_log(make_proxy: ProxyFactory
     assert resp.status == 502
     assert json.loads(resp.body) == {"error": {"code": 502, "message": "upstream unreachable"}}
     assert str(port).encode() not in resp.body
+
+
+async def test_reset_in_a_close_delimited_body_is_not_a_complete_response(
+    proxy: App, fake: FakeOpenRouter
+) -> None:
+    """Without framing, only an orderly close ends the body: a reset truncates it."""
+    async def script(req: Recorded, resp: Responder) -> None:
+        await resp.raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                       b"data: part1\n\n")
+        await asyncio.sleep(0.1)
+        await resp.raw(b"data: part2\n\n")
+        await asyncio.sleep(0.1)
+        resp.reset()
+
+    fake.script = script
+    client = await RawClient.connect(proxy.port)
+    try:
+        await client.send(get(b"/api/v1/chat/completions"))
+        assert await client.closed()
+        assert b"data: part2" in client.raw
+        assert not bytes(client.raw).endswith(b"0\r\n\r\n")  # no final chunk
+    finally:
+        client.close()

@@ -69,6 +69,8 @@ class BodyRelay:
         if self.done.done():
             return
         try:
+            if self._up.stream.reset:
+                raise UpstreamProtocolError("upstream reset mid-body", before_response=False)
             self._up.h11.receive_data(b"")
             self._pump()  # a close-delimited body ends here; any other is cut short
             if not self.done.done():

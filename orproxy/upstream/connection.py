@@ -130,6 +130,8 @@ class UpstreamConnection:
             self.got_response_bytes = True
         elif before:
             raise UpstreamProtocolError("connection closed before any response byte")
+        elif self.stream.reset:  # not the end of a close-delimited body: a truncation
+            raise UpstreamProtocolError("upstream reset mid-body", before_response=False)
         self.h11.receive_data(data)
 
     @property

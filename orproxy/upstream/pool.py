@@ -48,6 +48,7 @@ class UpstreamPool:
         self._opened = 0
         self._reused = 0
         self._pruned = 0.0
+        self._closed = False
 
     async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
         if not fresh:
@@ -71,7 +72,7 @@ class UpstreamPool:
         """Return a connection after its cycle; it is closed unless it can be reused."""
         if conn.state is ConnState.ACTIVE:
             self._active -= 1
-        if len(self._idle) < self._max_idle and conn.recycle():
+        if not self._closed and len(self._idle) < self._max_idle and conn.recycle():
             self._idle.append(conn)
             self._prune(conn.idle_since)
         else:
@@ -98,6 +99,7 @@ class UpstreamPool:
         conn.close()
 
     def close(self) -> None:
+        self._closed = True  # a late release after shutdown closes instead of pooling
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
