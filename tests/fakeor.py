@@ -56,6 +56,13 @@ class Responder:
         self.writer.write(data)
         await self.writer.drain()
 
+    async def raw_response(self, data: bytes) -> None:
+        """Send a whole response as raw bytes (framing h11 would refuse to produce) and
+        keep this side's h11 state in step, so the connection can serve the next request."""
+        await self.raw(data)
+        self.conn.send(h11.Response(status_code=200, headers=[(b"Content-Length", b"0")]))
+        self.conn.send(h11.EndOfMessage())
+
     def abort(self) -> None:
         self.writer.transport.abort()
 

@@ -84,16 +84,16 @@ def running(server_tls: ssl.SSLContext, ca_file: str) -> Iterator[Running]:
 
     async def script(req: Recorded, resp: Responder) -> None:
         # the upstream answer arrives cut at random places
-        await resp.raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                       b"Transfer-Encoding: chunked\r\n\r\n")
-        framed = b"%x\r\n" % len(SSE) + SSE + b"\r\n0\r\n\r\n"
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        framed = head + b"%x\r\n" % len(SSE) + SSE + b"\r\n0\r\n\r\n"
         cuts = sorted(c % len(framed) for c in state.upstream_splits)
-        for start_, end in zip([0, *cuts], [*cuts, len(framed)], strict=True):
-            if end > start_:
-                await resp.raw(framed[start_:end])
+        pieces = [framed[a:b] for a, b in zip([0, *cuts], [*cuts, len(framed)], strict=True)]
+        for piece in pieces[:-1]:
+            if piece:
+                await resp.raw(piece)
                 await asyncio.sleep(0)
-        resp.conn.send(h11.Response(status_code=200, headers=[(b"Content-Length", b"0")]))
-        resp.conn.send(h11.EndOfMessage())  # keep the fake's h11 state in step with the bytes
+        await resp.raw_response(pieces[-1])
 
     state.fake.script = script
     yield state

@@ -7,7 +7,6 @@ import asyncio
 import json
 import socket
 
-import h11
 import pytest
 
 from orproxy.app import App
@@ -28,10 +27,9 @@ async def test_bytes_past_a_response_never_answer_the_next_request(
     """A body longer than its Content-Length: the rest is not kept for the next client."""
     async def script(req: Recorded, resp: Responder) -> None:
         if req.target.endswith(b"/first"):
-            await resp.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
-                           b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Evil: 1\r\n\r\nSMUGGLED")
-            resp.conn.send(h11.Response(status_code=200, headers=[]))
-            resp.conn.send(h11.EndOfMessage())
+            await resp.raw_response(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Evil: 1\r\n\r\nSMUGGLED")
         else:
             await resp.json(200, {"for": req.target.decode()})
 
@@ -68,10 +66,8 @@ async def test_bytes_heard_while_idle_disqualify_a_pooled_connection(
 async def test_response_with_both_framings_is_not_pooled(proxy: App, fake: FakeOpenRouter) -> None:
     async def script(req: Recorded, resp: Responder) -> None:
         if req.target.endswith(b"/first"):
-            await resp.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 999\r\n"
-                           b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
-            resp.conn.send(h11.Response(status_code=200, headers=[]))
-            resp.conn.send(h11.EndOfMessage())
+            await resp.raw_response(b"HTTP/1.1 200 OK\r\nContent-Length: 999\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
         else:
             await resp.json(200, {"ok": True})
 
