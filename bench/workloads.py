@@ -223,6 +223,15 @@ class TtfbWorkload(Workload):
         }
 
 
+_W1_METRICS = [
+    MetricSpec("rps", "req/s", 0, True),
+    MetricSpec("p50_ms", "p50 latency ms", 3, True),
+    MetricSpec("p99_ms", "p99 latency ms", 3, True),
+    MetricSpec("cpu_us_per_req", "subject CPU µs/request", 1, True),
+    *_COMMON,
+]
+
+
 def build(profile: Profile) -> list[Workload]:
     """All workloads, in run order, sized by ``profile``."""
     p = profile
@@ -233,13 +242,7 @@ def build(profile: Profile) -> list[Workload]:
             group="W1",
             title=f"non-stream chat, {p.w1_conns} connections",
             what=f"wrk, {p.w1_conns} keep-alive connections, POST ~300 B JSON -> ~1 KB JSON",
-            metrics=[
-                MetricSpec("rps", "req/s", 0, True),
-                MetricSpec("p50_ms", "p50 latency ms", 3, True),
-                MetricSpec("p99_ms", "p99 latency ms", 3, True),
-                MetricSpec("cpu_us_per_req", "subject CPU µs/request", 1, True),
-                *_COMMON,
-            ],
+            metrics=_W1_METRICS,
             method="POST",
             path=CHAT_PATH,
             body=payloads.chat_request_body(False),
@@ -250,13 +253,7 @@ def build(profile: Profile) -> list[Workload]:
             group="W1",
             title="non-stream chat, 1 connection",
             what="wrk, 1 connection, sequential requests: latency added per request",
-            metrics=[
-                MetricSpec("rps", "req/s", 0, True),
-                MetricSpec("p50_ms", "p50 latency ms", 3, True),
-                MetricSpec("p99_ms", "p99 latency ms", 3, True),
-                MetricSpec("cpu_us_per_req", "subject CPU µs/request", 1, True),
-                *_COMMON,
-            ],
+            metrics=_W1_METRICS,
             method="POST",
             path=CHAT_PATH,
             body=payloads.chat_request_body(False),

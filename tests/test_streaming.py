@@ -71,14 +71,19 @@ def no_final_chunk(client: StreamClient) -> None:
     assert not bytes(client.raw).endswith(LAST_CHUNK), "a truncated body looked complete"
 
 
+async def completion_works(client: StreamClient) -> None:
+    """A plain completion on this client connection comes back whole."""
+    await client.request(b'{"model":"m"}')
+    head = await client.head()
+    assert head.status_code == 200
+    assert json.loads(await client.body())["usage"]["total_tokens"] == 7
+
+
 async def ok_after(port: int) -> None:
     """The proxy still serves a fresh client normally."""
     client = await StreamClient.connect(port)
     try:
-        await client.request(b'{"model":"m"}')
-        head = await client.head()
-        assert head.status_code == 200
-        assert json.loads(await client.body())["usage"]["total_tokens"] == 7
+        await completion_works(client)
     finally:
         client.close()
 
@@ -214,10 +219,7 @@ async def test_upstream_framings_reach_client_with_one_framing(
         if te:
             assert bytes(client.raw).endswith(LAST_CHUNK)
         # the client connection stays usable whatever the upstream framing was
-        await client.request(b'{"model":"m"}')
-        second = await client.head()
-        assert second.status_code == 200
-        assert json.loads(await client.body())["usage"]["total_tokens"] == 7
+        await completion_works(client)
     finally:
         client.close()
 
