@@ -34,7 +34,7 @@ from orproxy.http.auth import check_access
 from orproxy.http.relay import BodyRelay
 from orproxy.http.routing import Route, RouteKind, route
 from orproxy.http.server_conn import ServerConnection
-from orproxy.http.validate import check_request_head
+from orproxy.http.validate import BodyFraming, check_request_head
 from orproxy.keys import KeyPool
 from orproxy.stream import Stream
 from orproxy.upstream.connection import UpstreamConnection
@@ -167,16 +167,16 @@ class ConnectionHandler:
                       hdr.client_request_id(request.headers) or _new_request_id())
         try:
             limits = self.ctx.config.limits
-            check_request_head(request.http_version, request.method, request.target,
-                               request.headers, max_head_bytes=limits.max_head_bytes,
-                               max_header_count=limits.max_header_count,
-                               max_target_bytes=limits.max_target_bytes)
+            framing = check_request_head(
+                request.http_version, request.method, request.target, request.headers,
+                max_head_bytes=limits.max_head_bytes, max_header_count=limits.max_header_count,
+                max_target_bytes=limits.max_target_bytes)
             target = route(request.target, self.ctx.public)
             ex.route = target.label
             if target.kind is RouteKind.FORWARD:
-                await self._forward(request, target, ex)
+                await self._forward(request, framing, target, ex)
             else:
-                self._local(request, target, ex)
+                self._local(request, framing, target, ex)
         except ClientRequestError as exc:
             if self.sc.can_respond:
                 self._local_error(ex, exc.status, exc.message, close=True)
@@ -191,8 +191,9 @@ class ConnectionHandler:
 
     # --- local routes ---------------------------------------------------------------------
 
-    def _local(self, request: h11.Request, target: Route, ex: Exchange) -> None:
-        close = not self.sc.end_if_bodiless(request) or self.ctx.draining
+    def _local(self, request: h11.Request, framing: BodyFraming, target: Route,
+               ex: Exchange) -> None:
+        close = not self.sc.end_if_bodiless(framing) or self.ctx.draining
         kind = target.kind
         if kind is RouteKind.BAD_TARGET:
             raise ClientRequestError(400, "invalid request target")
@@ -224,16 +225,17 @@ class ConnectionHandler:
         }
         extra: hdr.Headers = []
         if soonest is not None:
-            doc["retry_after_seconds"] = _whole_seconds(soonest)
-            extra.append((b"Retry-After", str(_whole_seconds(soonest)).encode()))
+            doc["retry_after_seconds"] = seconds = _whole_seconds(soonest)
+            extra.append((b"Retry-After", str(seconds).encode()))
         status = 200 if counts["available"] else 503
         return status, JSON, json.dumps(doc).encode(), extra
 
     # --- forwarding ------------------------------------------------------------------------
 
-    async def _forward(self, request: h11.Request, target: Route, ex: Exchange) -> None:
+    async def _forward(self, request: h11.Request, framing: BodyFraming, target: Route,
+                       ex: Exchange) -> None:
         ctx, sc = self.ctx, self.sc
-        bodiless = sc.end_if_bodiless(request)
+        bodiless = sc.end_if_bodiless(framing)
         # A CORS preflight carries no credentials by design and can do nothing: it goes up
         # like a public endpoint, so browser clients get OpenRouter's own CORS answer.
         public = target.public or (request.method == b"OPTIONS" and any(
@@ -246,10 +248,10 @@ class ConnectionHandler:
         expect = [v.lower() for n, v in request.headers if n == b"expect"]
         if expect and expect != [b"100-continue"]:
             raise ClientRequestError(417, "only Expect: 100-continue is supported")
-        framed = any(n in (b"content-length", b"transfer-encoding") for n, _ in request.headers)
-        body = b"" if bodiless else await sc.read_body(request)
+        body = b"" if bodiless else await sc.read_body(framing)
         req = UpstreamRequest(request.method, ctx.base_path + target.path,
-                              request.headers.raw_items(), body, framed, ex.request_id, public)
+                              request.headers.raw_items(), body, framing.framed, ex.request_id,
+                              public)
         self._forwarding = True
         try:
             if self._client_gone:

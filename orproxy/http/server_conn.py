@@ -15,6 +15,7 @@ import h11
 
 from orproxy.config import LimitsConfig, TimeoutsConfig
 from orproxy.errors import ClientRequestError, StreamTimeout
+from orproxy.http.validate import BodyFraming
 from orproxy.stream import Stream
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -67,10 +68,10 @@ class ServerConnection:
                 deadline = time.monotonic() + self.timeouts.client_head_seconds
             self.h11.receive_data(data)
 
-    async def read_body(self, request: h11.Request) -> bytes:
+    async def read_body(self, framing: BodyFraming) -> bytes:
         """The whole request body, bounded by ``max_body_bytes`` (413)."""
         limit = self.limits.max_body_bytes
-        length = _content_length(request)
+        length = framing.content_length
         if length is not None and length > limit:
             raise ClientRequestError(413, f"request body over {limit} bytes")
         if self.h11.they_are_waiting_for_100_continue:
@@ -100,9 +101,9 @@ class ServerConnection:
             else:
                 raise ClientRequestError(400, f"unexpected {type(event).__name__} in body")
 
-    def end_if_bodiless(self, request: h11.Request) -> bool:
+    def end_if_bodiless(self, framing: BodyFraming) -> bool:
         """Consume the end of a request that carries no body; False if it has one."""
-        if _content_length(request) or any(n == b"transfer-encoding" for n, _ in request.headers):
+        if not framing.bodiless:
             return False
         event = self._next_event()  # h11 yields it at once: no bytes are needed
         return type(event) is h11.EndOfMessage
@@ -131,9 +132,3 @@ class ServerConnection:
             return True
         return False
 
-
-def _content_length(request: h11.Request) -> int | None:
-    for name, value in request.headers:
-        if name == b"content-length":
-            return int(value)
-    return None

@@ -44,8 +44,11 @@ class ExchangeResult:
     body: bytes  # body bytes read ahead
     ended: bool
     key: Key | None = None
-    attempts: int = 0
     outcomes: list[str] = field(default_factory=list)
+
+    @property
+    def attempts(self) -> int:
+        return len(self.outcomes)
 
 
 class NoKeyAvailable(Exception):
@@ -118,7 +121,6 @@ class Exchanger:
             if verdict.outcome is Outcome.KEY_LIMITED:
                 limited_message = verdict.message
             outcomes.append(verdict.outcome.value)
-            result.attempts = len(outcomes)
             self._on_attempt(verdict.outcome.value)
             if not verdict.retry or not self._budget_left(len(outcomes), deadline):
                 return result

@@ -55,8 +55,7 @@ class UpstreamPool:
             now = time.monotonic()
             while self._idle:
                 conn = self._idle.pop()
-                # anything heard while idle (EOF, a stray 408, garbage) disqualifies it
-                if not conn.clean or now - conn.idle_since > IDLE_EXPIRY_SECONDS:
+                if not _still_usable(conn, now):
                     conn.close()
                     continue
                 conn.state = ConnState.ACTIVE
@@ -86,7 +85,7 @@ class UpstreamPool:
         self._pruned = now
         keep = []
         for conn in self._idle:
-            if conn.clean and now - conn.idle_since <= IDLE_EXPIRY_SECONDS:
+            if _still_usable(conn, now):
                 keep.append(conn)
             else:
                 conn.close()
@@ -106,3 +105,9 @@ class UpstreamPool:
 
     def snapshot(self) -> PoolSnapshot:
         return PoolSnapshot(len(self._idle), self._active, self._opened, self._reused)
+
+
+def _still_usable(conn: UpstreamConnection, now: float) -> bool:
+    """An idle connection is reused only if nothing was heard on it while idle (EOF, a stray
+    408, garbage) and it is not so old the upstream may be closing it right now."""
+    return conn.clean and now - conn.idle_since <= IDLE_EXPIRY_SECONDS
