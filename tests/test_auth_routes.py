@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from orproxy.app import App
 from orproxy.keys import key_id, mask_key
 from tests.conftest import ACCESS_KEY, AUTH, KEYS, ProxyFactory
-from tests.fakeor import FakeOpenRouter, Recorded, Responder, completion, rate_limited_body
+from tests.fakeor import FakeOpenRouter, Recorded, Responder, Script, completion, rate_limited_body
 from tests.rawhttp import RawClient, Response, roundtrip
 
 pytestmark = pytest.mark.anyio
@@ -107,6 +107,20 @@ async def test_bad_access_key_gets_401(
     error_of(resp, 401)
     assert_single_standard_headers(resp)
     assert fake.requests == []
+
+
+def invalid_limited_ok(invalid_message: str) -> Script:
+    """Upstream that refuses the first key (401), rate-limits the second, serves the third."""
+    async def script(req: Recorded, resp: Responder) -> None:
+        auth = req.header(b"authorization")
+        if auth == b"Bearer " + KEYS[0].encode():
+            await resp.json(401, {"error": {"code": 401, "message": invalid_message}})
+        elif auth == b"Bearer " + KEYS[1].encode():
+            await resp.json(429, rate_limited_body(reset_ms(30)))
+        else:
+            await resp.json(200, completion())
+
+    return script
 
 
 async def test_401_on_get_without_body_keeps_the_connection(
@@ -366,16 +380,7 @@ async def test_health_reports_key_counts(proxy: App, fake: FakeOpenRouter) -> No
 
 
 async def test_health_counts_cooling_and_disabled_keys(proxy: App, fake: FakeOpenRouter) -> None:
-    async def script(req: Recorded, resp: Responder) -> None:
-        auth = req.header(b"authorization")
-        if auth == b"Bearer " + KEYS[0].encode():
-            await resp.json(401, {"error": {"code": 401, "message": "User not found."}})
-        elif auth == b"Bearer " + KEYS[1].encode():
-            await resp.json(429, rate_limited_body(reset_ms(30)))
-        else:
-            await resp.json(200, completion())
-
-    fake.script = script
+    fake.script = invalid_limited_ok("User not found.")
     assert (await chat(proxy.port)).status == 200
     doc = json.loads((await get(proxy.port, b"/health")).body)
     assert doc["status"] == "ok"
@@ -439,17 +444,7 @@ def secret_fragments() -> list[str]:
 
 
 async def make_key_states(proxy: App, fake: FakeOpenRouter) -> None:
-    async def script(req: Recorded, resp: Responder) -> None:
-        auth = req.header(b"authorization")
-        if auth == b"Bearer " + KEYS[0].encode():
-            await resp.json(401, {"error": {"code": 401, "message": "Invalid key " +
-                                            KEYS[0]}})
-        elif auth == b"Bearer " + KEYS[1].encode():
-            await resp.json(429, rate_limited_body(reset_ms(30)))
-        else:
-            await resp.json(200, completion())
-
-    fake.script = script
+    fake.script = invalid_limited_ok("Invalid key " + KEYS[0])
     assert (await chat(proxy.port)).status == 200
 
 

@@ -26,6 +26,7 @@ import httpx
 import pytest
 import yaml
 
+from tests import procs
 from tests.conftest import ACCESS_KEY, KEYS
 from tests.fakeor import FakeOpenRouter, Recorded, Responder
 
@@ -51,12 +52,6 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
 def write_config(path: Path, doc: Any) -> Path:
     path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def problems(stderr: str) -> list[str]:
@@ -240,7 +235,7 @@ def get_json(port: int, path: str, headers: dict[str, str] | None = None,
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_env_start_serves_health_and_stops_on_signal(tmp_path: Path, sig: signal.Signals
                                                      ) -> None:
-    port = free_port()
+    port = procs.free_port()
     write_config(tmp_path / "config.yml", {"server": {"port": port}})  # found as ./config.yml
     env = clean_env(OPENROUTER_KEYS=f" {KEYS[0]} ,{KEYS[2]}", ORPROXY_ACCESS_KEY=ACCESS_KEY)
     log = tmp_path / "stderr.log"
@@ -307,7 +302,7 @@ async def test_sigterm_lets_a_running_stream_finish(
         await resp.end()
 
     fake.script = script
-    port = free_port()
+    port = procs.free_port()
     config = write_config(tmp_path / "c.yml", {
         "server": {"port": port, "access_key": ACCESS_KEY},
         "openrouter": {"keys": KEYS, "ca_file": ca_file,
@@ -319,7 +314,7 @@ async def test_sigterm_lets_a_running_stream_finish(
             sys.executable, "-m", "orproxy", "--config", str(config), cwd=tmp_path,
             env=clean_env(), stdout=asyncio.subprocess.DEVNULL, stderr=err)
     try:
-        await wait_listening_async(proc, port)
+        await procs.wait_listening(port, proc, STARTUP_SECONDS)
         received = b""
         async with httpx.AsyncClient(timeout=20) as client, client.stream(
             "POST", f"http://127.0.0.1:{port}/api/v1/chat/completions",
@@ -347,21 +342,6 @@ async def test_sigterm_lets_a_running_stream_finish(
     assert "status=200" in stderr  # the access log line of the stream
     for secret in (*KEYS, ACCESS_KEY):
         assert secret not in stderr
-
-
-async def wait_listening_async(proc: asyncio.subprocess.Process, port: int) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        assert proc.returncode is None, f"orproxy exited early with {proc.returncode}"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-    raise AssertionError("orproxy did not start listening")
 
 
 async def wait_refusing(port: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,31 +14,13 @@ import pytest
 from orproxy.app import App
 from tests.conftest import AUTH, KEYS, ProxyFactory
 from tests.fakeor import FakeOpenRouter
+from tests.procs import free_port, wait_listening
 from tests.rawhttp import roundtrip
 
 pytestmark = pytest.mark.anyio
 
 REQUEST = (b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: " + AUTH[1]
            + b"\r\nContent-Length: 2\r\n\r\n{}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def wait_listening(port: int, proc: asyncio.subprocess.Process) -> None:
-    for _ in range(100):
-        assert proc.returncode is None, "proxy server exited at start"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
-    raise AssertionError(f"nothing listens on {port}")
 
 
 Launch = Callable[[list[str], int], Awaitable[None]]
