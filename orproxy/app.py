@@ -1,8 +1,8 @@
 """The composition root: builds the parts from the config, listens, and shuts down in stages.
 
-Owns the listening socket, the connection tasks and the signal handlers. Shutdown: stop
-accepting, close idle keep-alive connections, let running requests and streams finish
-within the grace period, cancel what is left, close the upstream pool.
+Owns the listener, the connection tasks and the signal handlers. Shutdown: stop accepting,
+close idle keep-alive connections, let running requests and streams finish within the
+grace period, answer 503 to what has not been answered by then, close the upstream pool.
 """
 
 from __future__ import annotations
@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import ssl
 
 from orproxy.config import Config
-from orproxy.http.handler import ConnectionHandler, Context
 from orproxy.keys import KeyPool
-from orproxy.metrics import Metrics
+from orproxy.listener import Listener, raise_fd_limit
+from orproxy.observe.metrics import Metrics
+from orproxy.proxy.attempts import AttemptLoop, AttemptSettings
+from orproxy.proxy.connection import ConnectionLoop
+from orproxy.proxy.services import Services
 from orproxy.stream import Stream
-from orproxy.upstream.exchange import Exchanger, ExchangeSettings
+from orproxy.upstream.dial import dial
 from orproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -32,71 +36,92 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
-def build_context(config: Config) -> Context:
-    o, t, r = config.openrouter, config.timeouts, config.retry
-    keys = KeyPool([(k.key, k.account) for k in o.keys], strategy=o.key_selection_strategy,
-                   same="same" in o.key_selection_opts)
-    pool = UpstreamPool(o.base_url, tls=tls_context(o.ca_file) if o.base_url.tls else None,
-                        proxy=config.request_proxy, connect_timeout=t.upstream_connect_seconds,
-                        max_idle=config.limits.max_upstream_idle_connections)
+def build_services(config: Config) -> Services:
+    openrouter, timeouts, retry = config.openrouter, config.timeouts, config.retry
+    keys = KeyPool([(k.key, k.account) for k in openrouter.keys],
+                   strategy=openrouter.key_selection_strategy,
+                   same="same" in openrouter.key_selection_opts)
+    origin = openrouter.base_url
+    tls = tls_context(openrouter.ca_file) if origin.tls else None
+
+    async def dial_upstream() -> Stream:
+        return await dial(origin, tls, config.request_proxy, timeouts.upstream_connect_seconds)
+
+    pool = UpstreamPool(dial_upstream, max_idle=config.limits.max_upstream_idle_connections)
     metrics = Metrics()
-    metrics.watch(keys, pool)
-    settings = ExchangeSettings(
-        host_header=o.base_url.host_header.encode(),
-        first_byte_timeout=t.upstream_first_byte_seconds,
-        idle_timeout=t.upstream_idle_seconds,
-        max_attempts=r.max_attempts,
-        deadline_seconds=r.deadline_seconds,
-        default_cooldown=o.rate_limit_cooldown,
-        credit_cooldown=o.credit_cooldown_seconds,
-        overload_delay=o.google_rate_delay,
+    settings = AttemptSettings(
+        host_header=origin.host_header.encode(),
+        first_byte_timeout=timeouts.upstream_first_byte_seconds,
+        idle_timeout=timeouts.upstream_idle_seconds,
+        write_timeout=timeouts.upstream_idle_seconds,
+        max_attempts=retry.max_attempts,
+        deadline_seconds=retry.deadline_seconds,
+        default_cooldown=openrouter.rate_limit_cooldown,
+        credit_cooldown=openrouter.credit_cooldown_seconds,
+        overload_delay=openrouter.google_rate_delay,
     )
-    exchanger = Exchanger(pool, keys, settings, on_attempt=metrics.attempt)
-    return Context(config, keys, pool, exchanger, metrics)
+    attempts = AttemptLoop(pool, keys, settings, on_attempt=metrics.attempt)
+    return Services(config, keys, pool, attempts, metrics)
 
 
 class App:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.ctx = build_context(config)
-        self._server: asyncio.Server | None = None
+        self.services = build_services(config)
+        self._listener: Listener | None = None
+        self._port = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        return self._port
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        server_cfg = self.config.server
-        self._server = await loop.create_server(
-            lambda: Stream(on_made=self._on_connection), server_cfg.host, server_cfg.port,
-            reuse_address=True, backlog=1024,
-        )
+        server = self.config.server
+        limits = self.config.limits
+        budget = raise_fd_limit(limits.max_connections, limits.max_upstream_idle_connections)
+        sock = _listening_socket(server.host, server.port)
+        self._port = int(sock.getsockname()[1])
+        self._listener = Listener(sock, self._on_accept, cap=budget.max_connections)
+        self.services.metrics.watch(self.services.keys, self.services.upstream, self._listener)
+        self._listener.start()
         o = self.config.openrouter
-        log.info("listening on %s:%d; upstream %s://%s:%d%s; %d key(s) [%s]; strategy %s%s",
-                 server_cfg.host, self.port, o.base_url.scheme, o.base_url.host,
-                 o.base_url.port, o.base_url.path, len(o.keys),
-                 ", ".join(v.id for v in self.ctx.keys.snapshot()), o.key_selection_strategy,
-                 " +same" if "same" in o.key_selection_opts else "")
+        log.info("listening on %s:%d; upstream %s://%s:%d%s; %d key(s) [%s]; strategy %s%s; "
+                 "up to %d connections (open-file limit %d)",
+                 server.host, self.port, o.base_url.scheme, o.base_url.host, o.base_url.port,
+                 o.base_url.path, len(o.keys),
+                 ", ".join(v.id for v in self.services.keys.snapshot()),
+                 o.key_selection_strategy, " +same" if "same" in o.key_selection_opts else "",
+                 budget.max_connections, budget.soft_limit)
 
-    def _on_connection(self, stream: Stream) -> None:
-        if self.ctx.draining or len(self._tasks) >= self.config.limits.max_connections:
-            stream.abort()
-            return
-        handler = ConnectionHandler(stream, self.ctx)
-        task = asyncio.get_running_loop().create_task(handler.run())
+    def _on_accept(self, sock: socket.socket, reserve: bool) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(sock, reserve))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _serve(self, sock: socket.socket, reserve: bool) -> None:
+        assert self._listener is not None
+        try:
+            if self.services.draining:
+                sock.close()
+                return
+            try:
+                _, stream = await asyncio.get_running_loop().connect_accepted_socket(
+                    Stream, sock)
+            except OSError:
+                sock.close()
+                return
+            await ConnectionLoop(stream, self.services, reserve=reserve).run()
+        finally:
+            self._listener.closed()
+
     async def shutdown(self) -> None:
         grace = self.config.timeouts.shutdown_grace_seconds
-        self.ctx.draining = True
-        if self._server is not None:
-            self._server.close()
-        for handler in list(self.ctx.handlers):
-            handler.close_if_idle()
+        self.services.draining = True
+        if self._listener is not None:
+            self._listener.stop()
+        for connection in list(self.services.connections):
+            connection.close_if_idle()
         if self._tasks:
             log.info("shutting down: waiting up to %.0fs for %d connection(s)", grace,
                      len(self._tasks))
@@ -107,7 +132,7 @@ class App:
                 log.warning("shutdown: cut off %d connection(s) after the grace period",
                             len(pending))
                 await asyncio.wait(pending, timeout=5)
-        self.ctx.upstream.close()
+        self.services.upstream.close()
         log.info("stopped")
 
     async def serve(self) -> None:
@@ -119,3 +144,19 @@ class App:
         await self.start()
         await stop.wait()
         await self.shutdown()
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket (IPv4 or IPv6, as the host says)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

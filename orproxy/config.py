@@ -10,6 +10,7 @@ settings carry their unit in the name.
 from __future__ import annotations
 
 import math
+import re
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -138,9 +139,9 @@ Checker = Callable[[Any], "tuple[Any, str | None]"]
 def _int(lo: int, hi: int) -> Checker:
     def check(v: Any) -> tuple[Any, str | None]:
         if isinstance(v, bool) or not isinstance(v, int):
-            return None, f"must be an integer, got {type(v).__name__}"
+            return None, f"must be an integer, got {shown(v)}"
         if not lo <= v <= hi:
-            return None, f"must be between {lo} and {hi}, got {v}"
+            return None, f"must be between {lo} and {hi}, got {shown(v)}"
         return v, None
 
     return check
@@ -149,25 +150,50 @@ def _int(lo: int, hi: int) -> Checker:
 def _seconds(lo: float = 0.0, hi: float = 10 * 365 * 86400.0) -> Checker:
     def check(v: Any) -> tuple[Any, str | None]:
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            return None, f"must be a number of seconds, got {v!r}"
+            return None, f"must be a number of seconds, got {shown(v)}"
         if not lo <= v <= hi:
-            return None, f"must be between {lo:g} and {hi:g}, got {v}"
+            return None, f"must be between {lo:g} and {hi:g}, got {shown(v)}"
         return float(v), None
 
     return check
 
 
 def _bool(v: Any) -> tuple[Any, str | None]:
-    return (v, None) if isinstance(v, bool) else (None, f"must be true or false, got {v!r}")
+    return (v, None) if isinstance(v, bool) else (None, f"must be true or false, got {shown(v)}")
 
 
 def _str(v: Any) -> tuple[Any, str | None]:
-    # the value is not echoed: it may be a secret (server.access_key)
+    # only the type: a string setting may hold a secret (server.access_key), whatever its type
     return (v, None) if isinstance(v, str) else (None, f"must be a string, got {_kind(v)}")
 
 
 def _kind(v: Any) -> str:
     return "nothing" if v is None else type(v).__name__
+
+
+# strings shown whole in problem reports: paths, numbers (with a unit), yes/no words
+_PLAIN = re.compile(r"/\S*|[0-9.]{1,12}[a-z]{0,3}|yes|no|on|off|true|false|none|null",
+                    re.IGNORECASE)
+
+
+def shown(v: Any) -> str:
+    """A value as a problem report may show it: any string may be a secret pasted into the
+    wrong setting (an access key in ``log_level``), so strings are masked like keys."""
+    if v is None:
+        return "nothing"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        if _PLAIN.fullmatch(v):
+            return repr(v)  # a path, a number with its unit, a yes/no: worth seeing whole
+        if len(v) >= 8:
+            return f"a string ('{v[:2]}…{v[-2:]}', {len(v)} characters)"
+        return f"a string of {len(v)} characters"
+    if isinstance(v, list | dict):
+        return f"a {type(v).__name__} of {len(v)} items"
+    return f"a {type(v).__name__}"
 
 
 def _opt_str(v: Any) -> tuple[Any, str | None]:
@@ -178,7 +204,7 @@ def _choice(options: tuple[str, ...], *, upper: bool = False) -> Checker:
     def check(v: Any) -> tuple[Any, str | None]:
         if isinstance(v, str) and (v.upper() if upper else v) in options:
             return (v.upper() if upper else v), None
-        return None, f"must be one of {', '.join(options)}, got {v!r}"
+        return None, f"must be one of {', '.join(options)}, got {shown(v)}"
 
     return check
 
@@ -186,14 +212,14 @@ def _choice(options: tuple[str, ...], *, upper: bool = False) -> Checker:
 def _str_list(item: Checker | None = None) -> Checker:
     def check(v: Any) -> tuple[Any, str | None]:
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            return None, f"must be a list of strings, got {v!r}"
+            return None, f"must be a list of strings, got {shown(v)}"
         if item is None:
             return tuple(v), None
         out = []
-        for x in v:
+        for i, x in enumerate(v):
             parsed, problem = item(x)
             if problem:
-                return None, f"item {x!r} {problem}"
+                return None, f"item {i} {problem}"
             out.append(parsed)
         return tuple(out), None
 
@@ -221,7 +247,7 @@ def parse_origin(url: str) -> Origin:
 
 def _base_url(v: Any) -> tuple[Any, str | None]:
     if not isinstance(v, str):
-        return None, f"must be a URL string, got {v!r}"
+        return None, f"must be a URL string, got {shown(v)}"
     try:
         return parse_origin(v), None
     except ValueError as exc:  # the URL is not echoed: it may carry credentials
@@ -232,7 +258,7 @@ def _ca_file(v: Any) -> tuple[Any, str | None]:
     if v is None:
         return None, None
     if not isinstance(v, str) or not os.path.isfile(v):
-        return None, f"must be the path of a readable PEM file, got {v!r}"
+        return None, f"must be the path of a readable PEM file, got {shown(v)}"
     return v, None
 
 

@@ -34,6 +34,7 @@ def key_id(key: str) -> str:
 
 class KeyState(enum.Enum):
     AVAILABLE = "available"
+    FREE_LIMITED = "free_limited"  # resting for free models only; serves paid ones
     COOLING = "cooling"
     DISABLED = "disabled"
 
@@ -46,15 +47,27 @@ class Key:
     id: str
     masked: str
     account: str | None
-    cooling_until: float = 0.0
+    cooling_until: float = 0.0  # resting for every request until then
+    free_until: float = 0.0  # resting for free-model requests until then
     disabled: bool = False
     reason: str = ""
+    message: str = ""  # OpenRouter's words on the limit that rests the key
     uses: int = 0
 
     def state(self, now: float) -> KeyState:
         if self.disabled:
             return KeyState.DISABLED
-        return KeyState.COOLING if self.cooling_until > now else KeyState.AVAILABLE
+        if self.cooling_until > now:
+            return KeyState.COOLING
+        return KeyState.FREE_LIMITED if self.free_until > now else KeyState.AVAILABLE
+
+    def usable(self, now: float, free: bool) -> bool:
+        """Can serve a request now; ``free``: the request is for a free model."""
+        return (not self.disabled and self.cooling_until <= now
+                and (not free or self.free_until <= now))
+
+    def rest_end(self, free: bool) -> float:
+        return max(self.cooling_until, self.free_until) if free else self.cooling_until
 
     def __repr__(self) -> str:
         return f"<Key {self.id} {self.masked} {self.reason or 'ok'}>"
@@ -70,6 +83,7 @@ class KeyView:
     state: KeyState
     cooling_seconds: float
     reason: str
+    message: str
     uses: int
 
 
@@ -98,40 +112,41 @@ class KeyPool:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def acquire(self, exclude: Collection[Key] = (), now: float | None = None) -> Key | None:
-        """The key for the next attempt, or None if every key is resting or excluded."""
+    def acquire(self, exclude: Collection[Key] = (), now: float | None = None, *,
+                free: bool = True) -> Key | None:
+        """The key for the next attempt, or None if every key is resting or excluded.
+        ``free``: the request is for a free model (or may be), so free-model rests count."""
         now = self.clock() if now is None else now
         last = self._last
-        if self._same and last is not None and self._usable(last, exclude, now):
+        if (self._same and last is not None and last.usable(now, free)
+                and last not in exclude):
             chosen: Key | None = last
         else:
-            chosen = self._pick(exclude, now)
+            chosen = self._pick(exclude, now, free)
         if chosen is not None:
             chosen.uses += 1
             self._last = chosen
         return chosen
 
-    def _usable(self, key: Key, exclude: Collection[Key], now: float) -> bool:
-        return not key.disabled and key.cooling_until <= now and key not in exclude
-
-    def _pick(self, exclude: Collection[Key], now: float) -> Key | None:
+    def _pick(self, exclude: Collection[Key], now: float, free: bool) -> Key | None:
         keys, n = self._keys, len(self._keys)
         if self._strategy == "random":
-            usable = [k for k in keys if self._usable(k, exclude, now)]
+            usable = [k for k in keys if k.usable(now, free) and k not in exclude]
             return self._rng.choice(usable) if usable else None
         start = self._next if self._strategy == "round-robin" else 0
         for i in range(n):
             key = keys[(start + i) % n]
-            if self._usable(key, exclude, now):
+            if key.usable(now, free) and key not in exclude:
                 self._next = (start + i + 1) % n
                 return key
         return None
 
     def cool_down(
         self, key: Key, seconds: float, reason: str, *, account_wide: bool = False,
-        now: float | None = None,
+        free_only: bool = False, message: str = "", now: float | None = None,
     ) -> list[Key]:
-        """Rest ``key`` (and, for an account-wide limit, every key of its account)."""
+        """Rest ``key`` (and, for an account-wide limit, every key of its account); a
+        ``free_only`` rest applies to free-model requests only."""
         now = self.clock() if now is None else now
         until = now + max(seconds, 0.0)
         targets = [key]
@@ -139,9 +154,13 @@ class KeyPool:
             targets = [k for k in self._keys if k.account == key.account]
         targets = [k for k in targets if not k.disabled]  # a disabled key keeps its reason
         for k in targets:
-            if until > k.cooling_until:
-                k.cooling_until = until
-                k.reason = reason
+            current = k.free_until if free_only else k.cooling_until
+            if until > current:
+                if free_only:
+                    k.free_until = until
+                else:
+                    k.cooling_until = until
+                k.reason, k.message = reason, message
         return targets
 
     def disable(self, key: Key, reason: str) -> None:
@@ -149,19 +168,33 @@ class KeyPool:
         key.disabled = True
         key.reason = reason
 
+    def soonest(self, now: float | None = None, *, free: bool = True,
+                ) -> tuple[float, str] | None:
+        """Seconds until the first resting key returns for such a request, with
+        OpenRouter's words on that key's limit; None if none will (all disabled)."""
+        now = self.clock() if now is None else now
+        live = [k for k in self._keys if not k.disabled]
+        if not live:
+            return None
+        key = min(live, key=lambda k: k.rest_end(free))
+        return max(key.rest_end(free) - now, 0.0), key.message
+
     def soonest_available(self, now: float | None = None) -> float | None:
         """Seconds until the first resting key returns; None if none will (all disabled)."""
-        now = self.clock() if now is None else now
-        waits = [k.cooling_until - now for k in self._keys if not k.disabled]
-        return max(min(waits), 0.0) if waits else None
+        soonest = self.soonest(now)
+        return None if soonest is None else soonest[0]
 
     def snapshot(self, now: float | None = None) -> list[KeyView]:
         now = self.clock() if now is None else now
-        return [
-            KeyView(k.id, k.masked, k.account, k.state(now), max(k.cooling_until - now, 0.0),
-                    k.reason if k.state(now) is not KeyState.AVAILABLE else "", k.uses)
-            for k in self._keys
-        ]
+        views = []
+        for k in self._keys:
+            state = k.state(now)
+            resting = state is not KeyState.AVAILABLE
+            views.append(KeyView(k.id, k.masked, k.account, state,
+                                 max(k.rest_end(True) - now, 0.0),
+                                 k.reason if resting else "", k.message if resting else "",
+                                 k.uses))
+        return views
 
     def counts(self, now: float | None = None) -> dict[str, int]:
         counts = {s.value: 0 for s in KeyState}

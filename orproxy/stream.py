@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Callable
 from typing import cast
 
-from orproxy.errors import StreamClosed, StreamTimeout
+from orproxy.errors import StreamClosed, StreamTimeout, map_exceptions
 
 READ_HIGH_WATER = 256 * 1024
 WRITE_HIGH_WATER = 64 * 1024
@@ -254,12 +254,10 @@ class Stream(asyncio.Protocol):
         """Upgrade this (plain, idle) connection to TLS, e.g. after a proxy tunnel."""
         if self.transport is None or self._chunks:
             raise StreamClosed("unexpected bytes before the TLS handshake")
-        try:
+        with map_exceptions(_CONNECT_ERRORS):
             new = await self._loop.start_tls(self.transport, self, context,
                                              server_hostname=server_hostname,
                                              ssl_handshake_timeout=timeout)
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            raise StreamClosed(f"TLS handshake failed: {exc}") from exc
         self.transport = cast(asyncio.Transport, new)
 
     # --- internals --------------------------------------------------------------------------
@@ -290,14 +288,18 @@ async def connect(
 ) -> Stream:
     """Open a TCP (optionally TLS) connection; failures become StreamClosed/StreamTimeout."""
     loop = asyncio.get_running_loop()
-    try:
+    with map_exceptions(_CONNECT_ERRORS):
         async with asyncio.timeout(timeout):
             _, stream = await loop.create_connection(
                 Stream, host, port, ssl=tls,
                 server_hostname=server_hostname if tls else None,
             )
-    except TimeoutError as exc:
-        raise StreamTimeout(f"connect to {host}:{port} timed out") from exc
-    except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
-        raise StreamClosed(f"connect to {host}:{port} failed: {exc}") from exc
     return stream
+
+
+# TimeoutError first: since 3.11 it is an OSError too. ssl errors are OSErrors as well.
+_CONNECT_ERRORS: dict[type[BaseException], Callable[[str], Exception]] = {
+    TimeoutError: lambda message: StreamTimeout(f"timed out ({message})"),
+    OSError: lambda message: StreamClosed(f"failed: {message}"),
+    ssl.CertificateError: lambda message: StreamClosed(f"certificate: {message}"),
+}

@@ -98,6 +98,12 @@ async def proxy(make_proxy: ProxyFactory) -> App:
     return await make_proxy()
 
 
+def sample(app: App, name: str, labels: dict[str, str] | None = None) -> float:
+    """One metric sample of a running proxy (tests only: the proxy never reads its registry
+    back)."""
+    return app.services.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
 def tmp_config(tmp_path: Path, text: str) -> str:
     path = tmp_path / "config.yml"
     path.write_text(text)

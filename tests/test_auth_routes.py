@@ -75,7 +75,8 @@ async def cool_every_key(app: App, fake: FakeOpenRouter, seconds: float = 40) ->
     fake.script = script
     resp = await chat(app.port)
     assert resp.status == 429
-    assert app.ctx.keys.counts() == {"available": 0, "cooling": 3, "disabled": 0}
+    assert app.services.keys.counts() == {"available": 0, "free_limited": 0,
+                                          "cooling": 3, "disabled": 0}
 
 
 # --- access key ------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ async def test_public_endpoint_is_forwarded_without_authorization(
     assert sent.target == target
     assert sent.header(b"authorization") is None
     assert all(n.lower() != b"authorization" for n, _ in sent.headers)
-    assert [v.uses for v in proxy.ctx.keys.snapshot()] == [0, 0, 0]
+    assert [v.uses for v in proxy.services.keys.snapshot()] == [0, 0, 0]
 
 
 async def test_public_endpoint_works_while_every_key_cools(
@@ -238,7 +239,8 @@ async def test_public_endpoint_429_cools_no_key(proxy: App, fake: FakeOpenRouter
     resp = await get(proxy.port, b"/api/v1/models")
     assert resp.status == 429
     assert len(fake.requests) == 1
-    assert proxy.ctx.keys.counts() == {"available": 3, "cooling": 0, "disabled": 0}
+    assert proxy.services.keys.counts() == {"available": 3, "free_limited": 0,
+                                            "cooling": 0, "disabled": 0}
 
 
 async def test_other_model_paths_are_not_public(proxy: App, fake: FakeOpenRouter) -> None:
@@ -373,7 +375,8 @@ async def test_health_reports_key_counts(proxy: App, fake: FakeOpenRouter) -> No
     doc = json.loads(resp.body)
     assert set(doc) == {"status", "keys", "uptime_seconds", "draining"}
     assert doc["status"] == "ok"
-    assert doc["keys"] == {"available": 3, "cooling": 0, "disabled": 0, "total": 3}
+    assert doc["keys"] == {"available": 3, "free_limited": 0,
+                           "cooling": 0, "disabled": 0, "total": 3}
     assert isinstance(doc["uptime_seconds"], int | float) and 0 <= doc["uptime_seconds"] < 60
     assert doc["draining"] is False
     assert fake.requests == []
@@ -384,7 +387,8 @@ async def test_health_counts_cooling_and_disabled_keys(proxy: App, fake: FakeOpe
     assert (await chat(proxy.port)).status == 200
     doc = json.loads((await get(proxy.port, b"/health")).body)
     assert doc["status"] == "ok"
-    assert doc["keys"] == {"available": 1, "cooling": 1, "disabled": 1, "total": 3}
+    assert doc["keys"] == {"available": 1, "free_limited": 0,
+                           "cooling": 1, "disabled": 1, "total": 3}
 
 
 async def test_health_is_503_when_every_key_cools(proxy: App, fake: FakeOpenRouter) -> None:
@@ -393,7 +397,8 @@ async def test_health_is_503_when_every_key_cools(proxy: App, fake: FakeOpenRout
     assert resp.status == 503
     doc = json.loads(resp.body)
     assert doc["status"] == "unavailable"
-    assert doc["keys"] == {"available": 0, "cooling": 3, "disabled": 0, "total": 3}
+    assert doc["keys"] == {"available": 0, "free_limited": 0,
+                           "cooling": 3, "disabled": 0, "total": 3}
     assert doc["retry_after_seconds"] == 25
     assert resp.header(b"retry-after") == b"25"
 
@@ -410,7 +415,8 @@ async def test_health_is_503_without_retry_after_when_every_key_is_disabled(
     assert resp.status == 503
     doc = json.loads(resp.body)
     assert doc["status"] == "unavailable"
-    assert doc["keys"] == {"available": 0, "cooling": 0, "disabled": 3, "total": 3}
+    assert doc["keys"] == {"available": 0, "free_limited": 0,
+                           "cooling": 0, "disabled": 3, "total": 3}
     assert "retry_after_seconds" not in doc
     assert resp.header(b"retry-after") is None
 
@@ -465,7 +471,7 @@ async def test_metrics_raw_is_prometheus_text_without_secrets(
     assert samples[("orproxy_requests_total", (("route", "forward"), ("status", "2xx")))] == 1
     assert samples[("orproxy_requests_total", (("route", "not_found"), ("status", "4xx")))] == 1
     keys = {s.labels["state"]: s.value for s in families["orproxy_keys"].samples}
-    assert keys == {"available": 1.0, "cooling": 1.0, "disabled": 1.0}
+    assert keys == {"available": 1.0, "free_limited": 0.0, "cooling": 1.0, "disabled": 1.0}
     per_key = {s.labels["key_id"]: s.value for s in families["orproxy_key_available"].samples}
     assert per_key == {key_id(KEYS[0]): 0.0, key_id(KEYS[1]): 0.0, key_id(KEYS[2]): 1.0}
     uses = {s.labels["key_id"]: s.value for s in families["orproxy_key_uses"].samples

@@ -243,7 +243,8 @@ def test_env_start_serves_health_and_stops_on_signal(tmp_path: Path, sig: signal
         status, doc = get_json(port, "/health")
         assert status == 200
         assert doc["status"] == "ok"
-        assert doc["keys"] == {"available": 2, "cooling": 0, "disabled": 0, "total": 2}
+        assert doc["keys"] == {"available": 2, "free_limited": 0,
+                               "cooling": 0, "disabled": 0, "total": 2}
         status, doc = get_json(port, "/api/v1/chat/completions")
         assert status == 401  # the access key from the environment is enforced
         # an idle keep-alive connection must not hold the shutdown for the 30 s grace period

@@ -229,12 +229,13 @@ def test_several_problems_are_reported_together() -> None:
     }
     assert problems_of(raw) == [
         "metrics: unknown section",
-        "server.port: must be an integer, got str",
-        "server.log_level: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'",
+        "server.port: must be an integer, got '5555'",
+        "server.log_level: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got a string "
+        "of 4 characters",
         "server.colour: unknown setting",
         "openrouter.cache_ttl: must be a number of seconds, got '300'",
         "openrouter.key_selection_strategy: must be one of round-robin, first, random, "
-        "got 'lru'",
+        "got a string of 3 characters",
         "openrouter.enable_cache: must be true or false, got 'yes'",
         "limits.max_head_bytes: must be between 1024 and 1048576, got 10",
         "retry.max_attempts: must be between 1 and 100, got 0",
@@ -245,26 +246,27 @@ def test_several_problems_are_reported_together() -> None:
 @pytest.mark.parametrize(
     ("section", "values", "problem"),
     [
-        ("server", {"port": True}, "server.port: must be an integer, got bool"),
+        ("server", {"port": True}, "server.port: must be an integer, got true"),
         ("server", {"port": 70000}, "server.port: must be between 0 and 65535, got 70000"),
-        ("server", {"port": 55.5}, "server.port: must be an integer, got float"),
+        ("server", {"port": 55.5}, "server.port: must be an integer, got 55.5"),
         ("server", {"host": 127}, "server.host: must be a string, got int"),
         ("openrouter", {"cache_ttl": -1}, "openrouter.cache_ttl: must be between 0 and 3.1536e+08,"
                                           " got -1"),
         ("openrouter", {"cache_ttl": float("inf")},
          "openrouter.cache_ttl: must be a number of seconds, got inf"),
         ("openrouter", {"cache_ttl": True},
-         "openrouter.cache_ttl: must be a number of seconds, got True"),
+         "openrouter.cache_ttl: must be a number of seconds, got true"),
         ("openrouter", {"public_endpoints": "/api/v1/models"},
          "openrouter.public_endpoints: must be a list of strings, got '/api/v1/models'"),
         ("openrouter", {"public_endpoints": ["/models"]},
-         "openrouter.public_endpoints: item '/models' must be a path under /api/v1/ without "
+         "openrouter.public_endpoints: item 0 must be a path under /api/v1/ without "
          "a query"),
         ("openrouter", {"public_endpoints": ["/api/v1/models?x=1"]},
-         "openrouter.public_endpoints: item '/api/v1/models?x=1' must be a path under /api/v1/ "
+         "openrouter.public_endpoints: item 0 must be a path under /api/v1/ "
          "without a query"),
         ("openrouter", {"key_selection_opts": ["sticky"]},
-         "openrouter.key_selection_opts: item 'sticky' must be one of same, got 'sticky'"),
+         "openrouter.key_selection_opts: item 0 must be one of same, got a string of 6 "
+         "characters"),
         ("openrouter", {"base_url": "ftp://openrouter.ai/api/v1"},
          "openrouter.base_url: must start with http:// or https://"),
         ("openrouter", {"base_url": "https:///api/v1"},
@@ -548,11 +550,12 @@ limits:
     with pytest.raises(ConfigError) as info:
         load_config(path, NO_ENV)
     assert info.value.problems == [
-        "server.port: must be an integer, got str",
+        "server.port: must be an integer, got '8080'",
         "openrouter.enable_cache: must be true or false, got 'true'",
         "openrouter.cache_ttl: must be a number of seconds, got '5m'",
-        "openrouter.key_selection_opts: must be a list of strings, got 'same'",
-        "limits.max_body_bytes: must be an integer, got float",
+        "openrouter.key_selection_opts: must be a list of strings, got a string of 4 "
+        "characters",
+        "limits.max_body_bytes: must be an integer, got 1.5",
     ]
 
 

@@ -53,12 +53,13 @@ class Running:
     def quiesce(self) -> None:
         """Wait until the proxy holds no client connection and no active upstream one."""
         async def wait() -> None:
+            services = self.app.services
             for _ in range(300):
-                if not self.app.ctx.handlers and self.app.ctx.upstream.snapshot().active == 0:
+                if not services.connections and services.upstream.snapshot().active == 0:
                     return
                 await asyncio.sleep(0.01)
-            raise AssertionError(f"leaked: {len(self.app.ctx.handlers)} client connection(s), "
-                                 f"{self.app.ctx.upstream.snapshot()}")
+            raise AssertionError(f"leaked: {len(services.connections)} client connection(s), "
+                                 f"{services.upstream.snapshot()}")
 
         asyncio.run_coroutine_threadsafe(wait(), self.loop).result(10)
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orproxy.http.headers import (
+from orproxy.headers import (
     HOP_BY_HOP,
     SERVER_NAME,
     Headers,
@@ -169,12 +169,14 @@ def test_client_response_strips_hop_by_hop_and_listed_names() -> None:
 def test_local_response_headers() -> None:
     out = local_response_headers(b"application/json", RID, close=True,
                                  extra=[(b"Retry-After", b"30")])
-    assert names(out) == [b"date", b"server", b"content-type", b"x-request-id", b"retry-after",
-                          b"connection"]
+    assert names(out) == [b"date", b"server", b"content-type", b"cache-control",
+                          b"x-request-id", b"retry-after", b"connection"]
     assert out[1:] == [(b"Server", b"orproxy"), (b"Content-Type", b"application/json"),
-                       (b"X-Request-ID", RID), (b"Retry-After", b"30"), (b"Connection", b"close")]
+                       (b"Cache-Control", b"no-store"), (b"X-Request-ID", RID),
+                       (b"Retry-After", b"30"), (b"Connection", b"close")]
     assert local_response_headers(b"text/plain", RID, close=False)[2:] == [
-        (b"Content-Type", b"text/plain"), (b"X-Request-ID", RID)]
+        (b"Content-Type", b"text/plain"), (b"Cache-Control", b"no-store"),
+        (b"X-Request-ID", RID)]
 
 
 def test_http_date_is_now_as_imf_fixdate() -> None:

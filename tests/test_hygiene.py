@@ -98,12 +98,12 @@ async def test_pipelining_client_that_never_reads_does_not_grow_our_buffer(
                 break
             await asyncio.sleep(0)
         await asyncio.sleep(0.3)
-        buffered = [h.stream.transport.get_write_buffer_size() for h in app.ctx.handlers
+        buffered = [h.stream.transport.get_write_buffer_size() for h in app.services.connections
                     if h.stream.transport is not None]
         assert buffered and max(buffered) < 1_000_000, buffered
         # and the stalled client is cut off once the write timeout passes
         await asyncio.sleep(2.0)
-        assert not app.ctx.handlers
+        assert not app.services.connections
         assert sent > 0
     finally:
         await loop.run_in_executor(None, sock.close)
@@ -127,17 +127,17 @@ async def test_closing_on_a_client_that_never_reads_gives_up(
     sock.connect(("127.0.0.1", app.port))
     try:
         for _ in range(500):  # the handler exists from accept on
-            if app.ctx.handlers:
+            if app.services.connections:
                 break
             await asyncio.sleep(0.002)
-        stream = next(iter(app.ctx.handlers)).stream
+        stream = next(iter(app.services.connections)).stream
         assert stream.transport is not None
         # small kernel buffers on both ends, so the response's tail waits in ours
         stream.transport.get_extra_info("socket").setsockopt(
             socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         sock.sendall(get(b"/api/v1/big").replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
         await asyncio.sleep(0.3)
-        assert not app.ctx.handlers  # the response ended; the handler closed the connection
+        assert not app.services.connections  # the response ended; the handler closed the connection
         assert stream.transport is not None
         assert stream.transport.get_write_buffer_size() > 0  # ...with bytes still unsent
         await asyncio.sleep(1.0)

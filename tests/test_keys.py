@@ -286,7 +286,7 @@ def test_account_wide_cooldown_cools_every_key_of_that_account_only() -> None:
                       KeyState.AVAILABLE, KeyState.COOLING]
     assert {pool.acquire().secret for _ in range(6)} == {SECRETS[1], SECRETS[3]}  # type: ignore[union-attr]
     clock.advance(900)
-    assert pool.counts() == {"available": 5, "cooling": 0, "disabled": 0}
+    assert pool.counts() == {"available": 5, "free_limited": 0, "cooling": 0, "disabled": 0}
 
 
 def test_account_wide_on_a_key_without_account_cools_only_that_key() -> None:
@@ -382,14 +382,14 @@ def test_snapshot_and_counts_follow_the_clock() -> None:
     clock.advance(15)
     views = pool.snapshot()
     assert views[0] == KeyView(key_id(K0), mask_key(K0), None, KeyState.COOLING, 25.0,
-                               "429 rate limited", 1)
+                               "429 rate limited", "", 1)
     assert views[1].state is KeyState.DISABLED and views[1].reason == "401 invalid key"
     assert views[2].state is KeyState.AVAILABLE and views[2].reason == ""
-    assert pool.counts() == {"available": 1, "cooling": 1, "disabled": 1}
+    assert pool.counts() == {"available": 1, "free_limited": 0, "cooling": 1, "disabled": 1}
     clock.advance(25)
     assert pool.snapshot()[0].state is KeyState.AVAILABLE
     assert pool.snapshot()[0].reason == ""  # a past rest's reason is not shown
-    assert pool.counts() == {"available": 2, "cooling": 0, "disabled": 1}
+    assert pool.counts() == {"available": 2, "free_limited": 0, "cooling": 0, "disabled": 1}
 
 
 def test_the_secret_appears_in_no_view_repr_or_str() -> None:

@@ -21,7 +21,7 @@ import pytest
 from orproxy.app import App
 from orproxy.config import build_config
 from orproxy.keys import KeyState, KeyView
-from tests.conftest import AUTH, KEYS, ProxyFactory, proxy_config
+from tests.conftest import AUTH, KEYS, ProxyFactory, proxy_config, sample
 from tests.fakeor import (
     OVERLOAD_BODY,
     FakeOpenRouter,
@@ -103,7 +103,7 @@ def overload_body(provider: str) -> dict[str, Any]:
 
 
 def views(app: App) -> list[KeyView]:
-    return app.ctx.keys.snapshot()
+    return app.services.keys.snapshot()
 
 
 def states(app: App) -> list[KeyState]:
@@ -162,7 +162,7 @@ async def test_429_with_reset_in_body_cools_exactly_that_key(
     snap = views(proxy)
     assert [v.state for v in snap] == [C, A, A]
     assert 27.0 < snap[0].cooling_seconds <= 30.0
-    assert snap[0].reason == "429 rate limited"
+    assert snap[0].reason == "429 free-models-per-min"
     assert snap[1].cooling_seconds == 0.0 and snap[2].cooling_seconds == 0.0
     # later requests skip the cooled key and never see a 429
     for _ in range(4):
@@ -439,7 +439,7 @@ async def test_402_cools_the_key_for_credit_cooldown(
     snap = views(app)
     assert [v.state for v in snap] == [C, A, A]
     assert 117.0 < snap[0].cooling_seconds <= 120.0
-    assert snap[0].reason == "402 insufficient credit"
+    assert snap[0].reason == "402 no credit"
 
 
 async def test_every_key_invalid_gives_503(proxy: App, fake: FakeOpenRouter) -> None:
@@ -635,15 +635,28 @@ async def test_daily_limit_without_accounts_cools_only_that_key(
     assert states(proxy) == [C, A, A]
 
 
-async def test_per_minute_limit_cools_only_that_key_of_the_account(
+async def test_per_model_limit_cools_only_that_key_of_the_account(
     make_proxy: ProxyFactory, fake: FakeOpenRouter
 ) -> None:
     app = await make_proxy(openrouter={"keys": ACCOUNT_KEYS})
-    fake.script = per_key(limited_keys({0}, lambda i: rate_limited_body(reset_ms(30))))
+    message = "Rate limit exceeded: limit_rpm/google/gemini-2.5-pro/8f2a"
+    fake.script = per_key(limited_keys({0}, lambda i: rate_limited_body(reset_ms(30), message)))
     resp = await chat(app.port)
     assert resp.status == 200
     assert used_keys(fake) == [0, 1]
     assert states(app) == [C, A, A]
+
+
+async def test_free_per_minute_limit_cools_every_key_of_the_account(
+    make_proxy: ProxyFactory, fake: FakeOpenRouter
+) -> None:
+    # free-model limits are per account (OPENROUTER.md): the other key of "alice" is skipped
+    app = await make_proxy(openrouter={"keys": ACCOUNT_KEYS})
+    fake.script = per_key(limited_keys({0}, lambda i: rate_limited_body(reset_ms(30))))
+    resp = await chat(app.port)
+    assert resp.status == 200
+    assert used_keys(fake) == [0, 2]
+    assert states(app) == [C, C, A]
 
 
 # --- transport failures and non-key errors ---------------------------------------------------
@@ -668,9 +681,9 @@ async def test_unreachable_upstream_gives_502_after_the_attempts(ca_file: str) -
         error = error_of(resp)
         assert error["code"] == 502
         assert error["message"] == "upstream unreachable"  # no addresses for clients
-        assert app.ctx.metrics.value("orproxy_upstream_attempts_total",
-                                     {"outcome": "error"}) == 3.0
-        snap = app.ctx.keys.snapshot()
+        assert sample(app, "orproxy_upstream_attempts_total",
+                      {"outcome": "connect_error"}) == 3.0
+        snap = app.services.keys.snapshot()
         assert [v.state for v in snap] == [A, A, A]  # a dead upstream is no key's fault
         assert sum(v.uses for v in snap) == 3
     finally:

@@ -1,16 +1,20 @@
 """Which local handler or upstream path a request target goes to.
 
 Pure: (method, target) → Route. Accepts origin-form and absolute-form targets (RFC 9112
-§3.2); rejects dot segments so that nothing outside ``/api/v1/`` is reachable upstream.
+§3.2); rejects dot segments — however they and the slashes around them are written
+(``%2e``, ``%2f``, ``\\``, ``%5c``, double encoding) — so that nothing outside ``/api/v1/``
+is reachable upstream, whichever way the upstream decodes the path.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
 API_PREFIX = b"/api/v1/"
-_DOT_SEGMENTS = frozenset({b".", b"..", b"%2e", b"%2e%2e", b".%2e", b"%2e."})
+_DOT_SEGMENT = re.compile(rb"(?:^|/)\.{1,2}(?:/|$)")
 
 
 class RouteKind(enum.Enum):
@@ -49,10 +53,23 @@ def route(target: bytes, public_endpoints: frozenset[bytes]) -> Route:
     if not target.startswith(b"/") or b"#" in target:
         return Route(RouteKind.BAD_TARGET)
     path, _, _query = target.partition(b"?")
-    if any(seg.lower() in _DOT_SEGMENTS for seg in path.split(b"/")):
+    if has_dot_segment(path):
         return Route(RouteKind.BAD_TARGET)
     if path.startswith(API_PREFIX) and len(path) > len(API_PREFIX):
         public = path.rstrip(b"/") in public_endpoints
         return Route(RouteKind.FORWARD, target[len(API_PREFIX) - 1:], public)
     kind = LOCAL_ROUTES.get(path.rstrip(b"/") or path)
     return Route(kind) if kind else Route(RouteKind.NOT_FOUND)
+
+
+def has_dot_segment(path: bytes) -> bool:
+    """A ``.`` or ``..`` segment in the path as written, or once or twice percent-decoded,
+    with backslashes read as slashes (some servers do)."""
+    for _ in range(3):
+        if _DOT_SEGMENT.search(path.replace(b"\\", b"/")):
+            return True
+        decoded = unquote_to_bytes(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return False

@@ -2,22 +2,26 @@
 
 Bookkeeping is synchronous: ``acquire`` hands out an idle connection (newest first, so the
 ones most likely still open are used) or dials a new one; ``release`` takes it back only if
-h11 says both sides are DONE. Idle connections past ``IDLE_EXPIRY_SECONDS`` are dropped,
-before the upstream's own idle timeout would close them under us. Exposes ``snapshot()``
-for metrics; never imports prometheus_client.
+it can be reused. An idle connection is watched: the moment the upstream closes it, resets
+it or sends anything, it is closed and leaves the pool (no CLOSE-WAIT sockets counted as
+idle). Idle connections older than ``IDLE_EXPIRY_SECONDS`` are dropped before the upstream's
+own idle timeout would close them under us. Exposes ``snapshot()`` for metrics; never
+imports prometheus_client.
 """
 
 from __future__ import annotations
 
-import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from orproxy.config import Origin, OutgoingProxy
+from orproxy.stream import Stream
 from orproxy.upstream.connection import ConnState, UpstreamConnection
-from orproxy.upstream.dial import dial
 
 IDLE_EXPIRY_SECONDS = 50.0
+PRUNE_INTERVAL_SECONDS = 1.0
+
+Dial = Callable[[], Awaitable[Stream]]
 
 
 @dataclass(frozen=True)
@@ -26,43 +30,37 @@ class PoolSnapshot:
     active: int
     opened: int
     reused: int
+    dropped_idle: int  # idle connections the upstream closed (or spoke on) while pooled
 
 
 class UpstreamPool:
-    def __init__(
-        self,
-        origin: Origin,
-        *,
-        tls: ssl.SSLContext | None,
-        proxy: OutgoingProxy | None,
-        connect_timeout: float,
-        max_idle: int,
-    ) -> None:
-        self.origin = origin
-        self._tls = tls
-        self._proxy = proxy
-        self._connect_timeout = connect_timeout
+    def __init__(self, dial: Dial, *, max_idle: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._dial = dial
         self._max_idle = max_idle
+        self._clock = clock
         self._idle: list[UpstreamConnection] = []
         self._active = 0
         self._opened = 0
         self._reused = 0
+        self._dropped_idle = 0
         self._pruned = 0.0
         self._closed = False
 
     async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
         if not fresh:
-            now = time.monotonic()
+            now = self._clock()
             while self._idle:
                 conn = self._idle.pop()
-                if not _still_usable(conn, now):
+                conn.stream.clear_consumer()
+                if not self._usable(conn, now):
                     conn.close()
                     continue
                 conn.state = ConnState.ACTIVE
                 self._active += 1
                 self._reused += 1
                 return conn
-        stream = await dial(self.origin, self._tls, self._proxy, self._connect_timeout)
+        stream = await self._dial()
         self._opened += 1
         self._active += 1
         return UpstreamConnection(stream)
@@ -71,31 +69,46 @@ class UpstreamPool:
         """Return a connection after its cycle; it is closed unless it can be reused."""
         if conn.state is ConnState.ACTIVE:
             self._active -= 1
-        if not self._closed and len(self._idle) < self._max_idle and conn.recycle():
-            self._idle.append(conn)
-            self._prune(conn.idle_since)
-        else:
+        if self._closed or len(self._idle) >= self._max_idle or not conn.recycle():
             conn.close()
-
-    def _prune(self, now: float) -> None:
-        """Close idle connections the upstream has dropped (at most once a second), so they
-        do not linger half-closed until their turn comes."""
-        if now - self._pruned < 1.0:
             return
-        self._pruned = now
-        keep = []
-        for conn in self._idle:
-            if _still_usable(conn, now):
-                keep.append(conn)
-            else:
-                conn.close()
-        self._idle = keep
+        conn.idle_since = now = self._clock()
+        self._idle.append(conn)
+        conn.stream.resume_reading()  # a relay may have paused it: EOF must be seen
+        # anything heard while idle (EOF, RST, a stray 408) ends the connection at once
+        conn.stream.set_consumer(lambda _data: self._lost_idle(conn),
+                                 lambda: self._lost_idle(conn))
+        self._prune(now)
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Close a connection whose cycle did not finish cleanly."""
         if conn.state is ConnState.ACTIVE:
             self._active -= 1
         conn.close()
+
+    def _lost_idle(self, conn: UpstreamConnection) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+            self._dropped_idle += 1
+        conn.close()
+
+    def _prune(self, now: float) -> None:
+        """Close idle connections too old to trust (at most once a second)."""
+        if now - self._pruned < PRUNE_INTERVAL_SECONDS:
+            return
+        self._pruned = now
+        keep = []
+        for conn in self._idle:
+            if self._usable(conn, now):
+                keep.append(conn)
+            else:
+                conn.close()
+        self._idle = keep
+
+    def _usable(self, conn: UpstreamConnection, now: float) -> bool:
+        """Reused only if nothing was heard on it while idle and it is not so old that the
+        upstream may be closing it right now."""
+        return conn.clean and now - conn.idle_since <= IDLE_EXPIRY_SECONDS
 
     def close(self) -> None:
         self._closed = True  # a late release after shutdown closes instead of pooling
@@ -104,10 +117,5 @@ class UpstreamPool:
             conn.close()
 
     def snapshot(self) -> PoolSnapshot:
-        return PoolSnapshot(len(self._idle), self._active, self._opened, self._reused)
-
-
-def _still_usable(conn: UpstreamConnection, now: float) -> bool:
-    """An idle connection is reused only if nothing was heard on it while idle (EOF, a stray
-    408, garbage) and it is not so old the upstream may be closing it right now."""
-    return conn.clean and now - conn.idle_since <= IDLE_EXPIRY_SECONDS
+        return PoolSnapshot(len(self._idle), self._active, self._opened, self._reused,
+                            self._dropped_idle)

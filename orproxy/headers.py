@@ -104,11 +104,13 @@ def client_response_headers(
 def local_response_headers(
     content_type: bytes, request_id: bytes, *, close: bool, extra: Headers | None = None
 ) -> Headers:
-    """Headers for a response the proxy makes itself (errors, /health, /metrics)."""
+    """Headers for a response the proxy makes itself (errors, /health, /metrics). Never
+    cacheable: a cache in front of the proxy must not serve a stale "ok" or key table."""
     out: Headers = [
         (b"Date", http_date()),
         (b"Server", SERVER_NAME),
         (b"Content-Type", content_type),
+        (b"Cache-Control", b"no-store"),
         (b"X-Request-ID", request_id),
     ]
     if extra:

@@ -1,7 +1,7 @@
 """The HTML dashboard at /metrics: snapshot in, bytes out.
 
-Pure rendering of what the key pool and the metrics registry say at this moment; it reads
-public sample values only, never metric internals. Every value is escaped.
+Pure rendering of the snapshots of the key pool and the proxy's totals at this moment;
+it never reads the metrics registry. Every value is escaped.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 from orproxy.keys import KeyView
 
 if TYPE_CHECKING:
-    from orproxy.metrics import Metrics
+    from orproxy.observe.metrics import Totals
 
 _STYLE = ("body{font:14px system-ui,sans-serif;margin:2em;color:#222}"
           "table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;"
           "text-align:left}.available{color:#080}.cooling{color:#b60}.disabled{color:#b00}")
 
 
-def render(keys: Sequence[KeyView], metrics: Metrics) -> bytes:
+def render(keys: Sequence[KeyView], totals: Totals) -> bytes:
     rows = "".join(
         f"<tr><td><code>{html.escape(k.id)}</code></td><td>{html.escape(k.masked)}</td>"
         f"<td>{html.escape(k.account or '')}</td>"
@@ -35,8 +35,8 @@ def render(keys: Sequence[KeyView], metrics: Metrics) -> bytes:
         rss = proc.memory_info().rss / 1e6
         cpu = sum(proc.cpu_times()[:2])
     summary = [
-        ("Open client connections", f"{metrics.value('orproxy_client_connections'):.0f}"),
-        ("Body bytes relayed", f"{metrics.value('orproxy_response_body_bytes_total'):.0f}"),
+        ("Open client connections", f"{totals.open_connections}"),
+        ("Body bytes relayed", f"{totals.body_bytes}"),
         ("Process RSS", f"{rss:.1f} MB"),
         ("Process CPU", f"{cpu:.1f} s"),
     ]

@@ -1,14 +1,16 @@
 """Prometheus metrics on a private registry.
 
-Counters and histograms are updated at phase boundaries by the handler; key and pool state
-are read from their ``snapshot()`` at scrape time by collectors, so neither KeyPool nor
-UpstreamPool imports prometheus_client. Label values are bounded: route names, status
-classes, attempt outcomes, key ids (never keys).
+Counters and histograms are updated at phase boundaries by the connection loop; key, pool
+and listener state are read from their ``snapshot()`` at scrape time by collectors, so none
+of them imports prometheus_client. Totals the dashboard shows are kept as plain numbers
+beside the counters (``totals()``), never read back from the registry. Label values are
+bounded: route names, status classes, attempt outcomes, key ids (never keys).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,10 +25,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from orproxy.keys import KeyPool, KeyState
+from orproxy.listener import Listener
 from orproxy.upstream.pool import UpstreamPool
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                    60, 120, 300, 600)
+
+
+@dataclass(frozen=True)
+class Totals:
+    open_connections: int
+    body_bytes: int
 
 
 class Metrics:
@@ -52,16 +61,23 @@ class Metrics:
         self._children: dict[tuple[str, int], tuple[Callable[[], None],
                                                     Callable[[float], None]]] = {}
         self._attempt_children: dict[str, Callable[[], None]] = {}
+        self._open_count = 0
+        self._body_bytes = 0
 
-    def watch(self, keys: KeyPool, pool: UpstreamPool) -> None:
-        self.registry.register(_StateCollector(keys, pool))
+    def watch(self, keys: KeyPool, pool: UpstreamPool, listener: Listener) -> None:
+        self.registry.register(_StateCollector(keys, pool, listener))
 
     def connection_opened(self) -> None:
         self._open.inc()
         self._accepted.inc()
+        self._open_count += 1
 
     def connection_closed(self) -> None:
         self._open.dec()
+        self._open_count -= 1
+
+    def totals(self) -> Totals:
+        return Totals(self._open_count, self._body_bytes)
 
     def request_done(self, route: str, status: int, seconds: float) -> None:
         pair = self._children.get((route, status))
@@ -81,19 +97,17 @@ class Metrics:
     def bytes_sent(self, n: int) -> None:
         if n:
             self._bytes.inc(n)
-
-    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """One sample's current value (for the dashboard), 0 if absent."""
-        return self.registry.get_sample_value(name, labels or {}) or 0.0
+            self._body_bytes += n
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _StateCollector(Collector):
-    def __init__(self, keys: KeyPool, pool: UpstreamPool) -> None:
+    def __init__(self, keys: KeyPool, pool: UpstreamPool, listener: Listener) -> None:
         self._keys = keys
         self._pool = pool
+        self._listener = listener
 
     def collect(self) -> Iterator[Metric]:
         states = GaugeMetricFamily("orproxy_keys", "Upstream keys by state", labels=["state"])
@@ -123,3 +137,21 @@ class _StateCollector(Collector):
                                      "connections dialled")
         opened.add_metric([], snap.opened)
         yield opened
+        dropped = CounterMetricFamily("orproxy_upstream_idle_dropped", "Idle upstream "
+                                      "connections closed because the upstream closed them")
+        dropped.add_metric([], snap.dropped_idle)
+        yield dropped
+        listen = self._listener.snapshot()
+        cap = GaugeMetricFamily("orproxy_client_connection_limit", "Client connections "
+                                "served at once (from max_connections and the open-file limit)")
+        cap.add_metric([], listen.cap)
+        yield cap
+        paused = GaugeMetricFamily("orproxy_accept_paused", "1 while new connections wait in "
+                                   "the backlog")
+        paused.add_metric([], 1.0 if listen.paused else 0.0)
+        yield paused
+        stops = CounterMetricFamily("orproxy_accept_pauses", "Times accepting stopped",
+                                    labels=["reason"])
+        stops.add_metric(["connection_cap"], listen.paused_at_cap)
+        stops.add_metric(["out_of_descriptors"], listen.exhausted)
+        yield stops

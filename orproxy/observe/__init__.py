@@ -1,0 +1,2 @@
+"""Observability: metrics, the dashboard, usage accounting, logs. Reads snapshots; never
+drives a request."""

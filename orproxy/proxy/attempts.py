@@ -1,0 +1,261 @@
+"""The attempt loop: one client request sent upstream, on as many keys as it takes.
+
+A request goes out again only where that is safe (RFC 9110 §9.2.2): where the upstream
+said no (its answer classified as the key's limit, an invalid key, no credit, or its own
+overload), or where the request never reached it (connect, TLS or outgoing-proxy failure;
+once, a reused connection found dead — the keep-alive race). A request the upstream may
+have received (it timed out, or the connection closed with no answer) is never repeated.
+Every attempt is traced with its key and outcome; retries stay within a budget of
+attempts and a deadline, and happen only before any response byte reached the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import h11
+
+from orproxy.errors import (
+    NoKeyAvailable,
+    Stage,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from orproxy.headers import upstream_request_headers
+from orproxy.keys import Key, KeyPool
+from orproxy.proxy.record import Attempt
+from orproxy.upstream.classify import STATUSES_TO_CLASSIFY, Outcome, Scope, Verdict, classify
+from orproxy.upstream.connection import UpstreamConnection, may_resend
+from orproxy.upstream.pool import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+READ_AHEAD_BYTES = 64 * 1024  # an error body is read up to this before it is classified
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    method: bytes
+    target: bytes  # the upstream's own target (base path + the client's path and query)
+    headers: list[tuple[bytes, bytes]]  # the client's, raw
+    body: list[bytes]  # as received, never joined
+    send_length: bool  # the client framed a body: send an exact Content-Length
+    request_id: bytes
+    public: bool  # sent with no key at all
+    free: bool = True  # may be for a free model: free-model rests apply
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A response to pass on: its head, the body read ahead, and the connection with the
+    rest (None once the whole body was read and the connection released)."""
+
+    response: h11.Response
+    conn: UpstreamConnection | None
+    body: bytes
+    ended: bool
+    key: Key | None
+
+
+@dataclass(frozen=True)
+class AttemptSettings:
+    host_header: bytes
+    first_byte_timeout: float
+    idle_timeout: float
+    write_timeout: float
+    max_attempts: int
+    deadline_seconds: float
+    default_cooldown: float
+    credit_cooldown: float
+    overload_delay: float
+    # free-model limits rest a key for free models only; needs to know which models are free
+    scope_free_rests: bool = False
+
+
+class AttemptLoop:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        keys: KeyPool,
+        settings: AttemptSettings,
+        *,
+        on_attempt: Callable[[str], None] = lambda outcome: None,
+        wall: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.pool = pool
+        self.keys = keys
+        self.settings = settings
+        self._on_attempt = on_attempt
+        self._wall = wall
+        self._sleep = sleep
+
+    async def run(self, req: UpstreamRequest, trace: list[Attempt]) -> Delivery:
+        """The response to deliver; raises NoKeyAvailable or UpstreamError. Each attempt
+        is appended to ``trace`` as it ends."""
+        tried: list[Key] = []
+        deadline = self.keys.clock() + self.settings.deadline_seconds
+        fallback: Delivery | None = None  # an overload answer, if no other key is left
+        wait = 0.0
+        while True:
+            key = None
+            if not req.public:
+                key = self.keys.acquire(exclude=tried, free=req.free)
+                if key is None:
+                    if fallback is not None:
+                        return fallback
+                    soonest = self.keys.soonest(free=req.free)
+                    raise NoKeyAvailable(*soonest) if soonest else NoKeyAvailable(None)
+            if wait > 0:  # the upstream asked for patience, and another try follows
+                await self._sleep(wait)
+            started = self.keys.clock()
+            try:
+                delivery = await self._attempt(req, key)
+            except UpstreamError as exc:
+                self._trace(trace, req, key, _failure(exc), started)
+                if exc.stage is Stage.CONNECT and self._budget_left(trace, deadline):
+                    wait = 0.0
+                    continue
+                raise
+            verdict = self._verdict(delivery, key)
+            self._trace(trace, req, key, verdict.outcome.value, started)
+            if not verdict.retry or not self._budget_left(trace, deadline):
+                return delivery
+            assert key is not None
+            tried.append(key)
+            fallback = None
+            if delivery.conn is not None:  # an error body too large to hold: drop it
+                self.pool.discard(delivery.conn)
+            elif verdict.outcome in (Outcome.OVERLOADED, Outcome.BUSY):
+                fallback = delivery
+            wait = self._wait_before_next(verdict)
+
+    def _budget_left(self, trace: list[Attempt], deadline: float) -> bool:
+        return len(trace) < self.settings.max_attempts and self.keys.clock() < deadline
+
+    def _wait_before_next(self, verdict: Verdict) -> float:
+        if verdict.outcome not in (Outcome.OVERLOADED, Outcome.BUSY):
+            return 0.0
+        if verdict.retry_after is not None:
+            return min(verdict.retry_after, self.settings.deadline_seconds)
+        return self.settings.overload_delay
+
+    def _trace(self, trace: list[Attempt], req: UpstreamRequest, key: Key | None,
+               outcome: str, started: float) -> None:
+        attempt = Attempt(key.id if key is not None else "-", outcome,
+                          self.keys.clock() - started)
+        trace.append(attempt)
+        self._on_attempt(outcome)
+        log.log(logging.DEBUG if outcome == "ok" else logging.INFO,
+                "attempt rid=%s n=%d key=%s outcome=%s ms=%.1f", req.request_id.decode(),
+                len(trace), attempt.key_id, outcome, attempt.seconds * 1000)
+
+    def _verdict(self, delivery: Delivery, key: Key | None) -> Verdict:
+        status = delivery.response.status_code
+        if key is None or status not in STATUSES_TO_CLASSIFY:
+            return Verdict(Outcome.OK)
+        verdict = classify(status, delivery.response.headers, delivery.body, self._wall())
+        self.apply(verdict, key)
+        return verdict
+
+    def apply(self, verdict: Verdict, key: Key) -> None:
+        """Tell the key pool what a verdict means for ``key`` (also used for in-band
+        errors found after the response was committed)."""
+        keys, settings = self.keys, self.settings
+        account_wide = verdict.scope is Scope.ACCOUNT
+        if verdict.outcome is Outcome.KEY_LIMITED:
+            seconds = verdict.rest_seconds
+            keys.cool_down(key, settings.default_cooldown if seconds is None else seconds,
+                           verdict.reason, account_wide=account_wide,
+                           free_only=verdict.free_only and settings.scope_free_rests,
+                           message=verdict.message)
+        elif verdict.outcome is Outcome.NO_CREDIT:
+            seconds = verdict.rest_seconds
+            keys.cool_down(key, settings.credit_cooldown if seconds is None else seconds,
+                           verdict.reason, account_wide=account_wide, message=verdict.message)
+        elif verdict.outcome is Outcome.KEY_INVALID:
+            keys.disable(key, verdict.reason)
+
+    async def _attempt(self, req: UpstreamRequest, key: Key | None) -> Delivery:
+        body_length = sum(map(len, req.body)) if req.send_length else None
+        headers = upstream_request_headers(
+            req.headers,
+            host=self.settings.host_header,
+            authorization=b"Bearer " + key.secret.encode() if key is not None else None,
+            request_id=req.request_id,
+            body_length=body_length,
+        )
+        conn = await self.pool.acquire()
+        try:
+            try:
+                return await self._exchange(conn, req, headers, key)
+            except UpstreamError as exc:
+                if not may_resend(conn, exc):
+                    raise
+                # the upstream had closed this pooled connection: once more on a new one
+                self.pool.discard(conn)
+                conn = await self.pool.acquire(fresh=True)
+                return await self._exchange(conn, req, headers, key)
+        except BaseException:
+            self.pool.discard(conn)
+            raise
+
+    async def _exchange(self, conn: UpstreamConnection, req: UpstreamRequest,
+                        headers: list[tuple[bytes, bytes]], key: Key | None) -> Delivery:
+        settings = self.settings
+        await conn.send_request(req.method, req.target, headers, req.body,
+                                settings.write_timeout)
+        response = await conn.receive_head(settings.first_byte_timeout)
+        if response.status_code not in STATUSES_TO_CLASSIFY:
+            return Delivery(response, conn, b"", False, key)
+        body, ended = await _read_ahead(conn, settings.idle_timeout)
+        if ended:
+            self.pool.release(conn)
+            return Delivery(response, None, body, True, key)
+        return Delivery(response, conn, body, False, key)
+
+
+def _failure(exc: UpstreamError) -> str:
+    if exc.stage is Stage.CONNECT:
+        return "connect_error"
+    return "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
+
+
+class _ReadAhead:
+    """Gathers the first READ_AHEAD_BYTES of a body, then pauses the connection."""
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self._conn = conn
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.ended = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_body(self, data: bytes, end: bool) -> None:
+        self.parts.append(data)
+        self.size += len(data)
+        self.ended = end
+        if end or self.size >= READ_AHEAD_BYTES:
+            if not end:
+                self._conn.pause()
+            if not self.done.done():
+                self.done.set_result(None)
+
+    def on_body_error(self, exc: UpstreamError) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+async def _read_ahead(conn: UpstreamConnection, idle_timeout: float) -> tuple[bytes, bool]:
+    reader = _ReadAhead(conn)
+    conn.read_body(reader, idle_timeout)
+    try:
+        await reader.done
+    finally:
+        if not reader.ended:
+            conn.stop_body()
+    return b"".join(reader.parts), reader.ended

@@ -1,0 +1,129 @@
+"""Forwarding one request: access check, CORS preflight, Expect, the body, then the attempt
+loop and the relay of the answer.
+
+Two steps, so the connection loop knows when the upstream is being waited on: ``prepare``
+(nothing has gone upstream yet: refuse, or read the body) and ``deliver`` (the attempts,
+then the response head — the point of no return — and the body relay). Before the head
+goes out any failure is answered with a JSON error; after it, a failure cuts the
+connection (no final chunk), so a truncated body never looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import h11
+
+from orproxy.errors import ClientRequestError, NoKeyAvailable, UpstreamError
+from orproxy.headers import client_response_headers
+from orproxy.http.auth import check_access
+from orproxy.http.client_conn import ClientConnection
+from orproxy.http.routing import Route
+from orproxy.http.validate import BodyFraming
+from orproxy.proxy.attempts import Delivery, UpstreamRequest
+from orproxy.proxy.local import After, error_answer, refuse
+from orproxy.proxy.record import Outcome, RequestRecord
+from orproxy.proxy.relay import BodyRelay
+from orproxy.proxy.services import Services
+
+log = logging.getLogger(__name__)
+
+READ_METHODS = frozenset({b"GET", b"HEAD"})
+
+
+def is_preflight(request: h11.Request) -> bool:
+    """A CORS preflight: OPTIONS with Access-Control-Request-Method. It carries no
+    credentials by design and can do nothing."""
+    return request.method == b"OPTIONS" and any(
+        n == b"access-control-request-method" for n, _ in request.headers)
+
+
+class Forwarder:
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    async def prepare(self, client: ClientConnection, request: h11.Request,
+                      framing: BodyFraming, target: Route, record: RequestRecord,
+                      ) -> UpstreamRequest | After:
+        """The request to send upstream, or the After of a refusal already answered."""
+        services = self._services
+        bodiless = client.end_if_bodiless(framing)
+        # public endpoints are public for reading; a preflight goes up without any key too,
+        # so browser clients get OpenRouter's own CORS answer
+        public = (target.public and request.method in READ_METHODS) or is_preflight(request)
+        if not public and not check_access(request.headers, services.access_key):
+            # a body the client may still be sending is never read: answer, then close
+            record.outcome = Outcome.LOCAL_ERROR
+            return refuse(client, record, 401, "missing or invalid access key",
+                          close=not bodiless, extra=[(b"WWW-Authenticate", b"Bearer")])
+        expect = [v.lower() for n, v in request.headers if n == b"expect"]
+        if expect and expect != [b"100-continue"]:
+            raise ClientRequestError(417, "only Expect: 100-continue is supported")
+        body = [] if bodiless else await client.read_body(framing)
+        return UpstreamRequest(request.method, services.base_path + target.path,
+                               request.headers.raw_items(), body, framing.framed,
+                               record.request_id, public)
+
+    async def deliver(self, client: ClientConnection, req: UpstreamRequest,
+                      record: RequestRecord) -> After:
+        services = self._services
+        try:
+            delivery = await services.attempts.run(req, record.attempts)
+        except NoKeyAvailable as exc:
+            return error_answer(client, record, exc, Outcome.NO_KEY, close=services.draining)
+        except UpstreamError as exc:
+            # the details (addresses, the outgoing proxy) stay in our log
+            log.warning("upstream failed rid=%s: %s", req.request_id.decode(), exc.message)
+            return error_answer(client, record, exc, Outcome.UPSTREAM_ERROR,
+                                close=services.draining)
+        return await self._relay(client, delivery, record)
+
+    async def _relay(self, client: ClientConnection, delivery: Delivery,
+                     record: RequestRecord) -> After:
+        """Pass the answer on: the head with whatever body is already here in one write,
+        then the rest as it arrives."""
+        services = self._services
+        timeouts = services.config.timeouts
+        resp, conn = delivery.response, delivery.conn
+        headers = client_response_headers(resp.headers.raw_items(),
+                                          request_id=record.request_id,
+                                          close=services.draining)
+        head = h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason)
+
+        def send_head(body: bytes, ended: bool) -> None:
+            events: list[h11.Event] = [head]
+            if body:
+                events.append(h11.Data(data=body))
+            if ended:
+                events.append(h11.EndOfMessage())
+            record.status = resp.status_code
+            client.send(*events)
+
+        if conn is None:  # read whole by the attempt loop, already back in the pool
+            send_head(delivery.body, True)
+            record.sent_bytes = len(delivery.body)
+            services.metrics.bytes_sent(record.sent_bytes)
+            return After.CLOSE if services.draining else After.KEEP_ALIVE
+        relay = BodyRelay(conn, client, idle_timeout=timeouts.upstream_idle_seconds,
+                          write_timeout=timeouts.client_write_seconds)
+        try:
+            await relay.start(send_head, delivery.body, delivery.ended)
+        except UpstreamError as exc:
+            services.upstream.discard(conn)
+            if client.can_respond:  # it failed before our head went out
+                log.warning("upstream failed rid=%s: %s", record.request_id.decode(),
+                            exc.message)
+                return error_answer(client, record, exc, Outcome.UPSTREAM_ERROR, close=True)
+            record.outcome = Outcome.ABORTED
+            log.warning("upstream failed mid-response rid=%s: %s",
+                        record.request_id.decode(), exc.message)
+            return After.ABORT
+        except BaseException:
+            services.upstream.discard(conn)
+            raise
+        finally:
+            relay.stop()
+            record.sent_bytes = relay.sent
+            services.metrics.bytes_sent(relay.sent)
+        services.upstream.release(conn)
+        return After.CLOSE if services.draining else After.KEEP_ALIVE

@@ -1,0 +1,120 @@
+"""The answers the proxy makes itself: /health, /metrics, /metrics/raw, and its errors.
+
+Also the one way a local response is written (``respond``), and what becomes of the
+connection after an answer (``After``): decided here, by the code that knows, and returned
+to the connection loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+
+import h11
+
+from orproxy.errors import Answer, ClientRequestError, answer_for, error_body, whole_seconds
+from orproxy.headers import Headers, local_response_headers
+from orproxy.http.client_conn import ClientConnection
+from orproxy.http.routing import Route, RouteKind
+from orproxy.http.validate import BodyFraming
+from orproxy.observe import dashboard
+from orproxy.proxy.record import Outcome, RequestRecord
+from orproxy.proxy.services import Services
+
+JSON = b"application/json"
+
+
+class After(enum.Enum):
+    """What becomes of the client connection once an answer has gone out."""
+
+    KEEP_ALIVE = "keep_alive"  # read the next request
+    CLOSE = "close"  # flush, then close
+    LINGER = "linger"  # FIN, then drain what the client still sends, then close
+    ABORT = "abort"  # drop at once: a response was cut short and must not look complete
+
+
+def respond(client: ClientConnection, record: RequestRecord, status: int, ctype: bytes,
+            body: bytes, *, close: bool, extra: Headers | None = None,
+            head_only: bool = False) -> None:
+    headers = local_response_headers(ctype, record.request_id, close=close, extra=extra)
+    headers.append((b"Content-Length", str(len(body)).encode()))
+    events: list[h11.Event] = [h11.Response(status_code=status, headers=headers)]
+    if body and not head_only:
+        events.append(h11.Data(data=body))
+    events.append(h11.EndOfMessage())
+    record.status = status
+    record.sent_bytes = 0 if head_only else len(body)
+    client.send(*events)
+
+
+def respond_error(client: ClientConnection, record: RequestRecord, answer: Answer, *,
+                  close: bool = False, outcome: Outcome = Outcome.LOCAL_ERROR) -> After:
+    """Send an error answer; LINGER if the connection closes after it (the client may
+    still be sending), else KEEP_ALIVE."""
+    close = close or answer.close
+    if record.outcome is Outcome.OK or record.outcome is Outcome.LOCAL:
+        record.outcome = outcome
+    respond(client, record, answer.status, JSON,
+            error_body(answer.status, answer.message, answer.metadata), close=close,
+            extra=answer.headers)
+    return After.LINGER if close else After.KEEP_ALIVE
+
+
+def refuse(client: ClientConnection, record: RequestRecord, status: int, message: str, *,
+           close: bool, extra: Headers | None = None) -> After:
+    return respond_error(client, record, Answer(status, message, extra or []), close=close)
+
+
+class LocalPages:
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def answer(self, client: ClientConnection, request: h11.Request, framing: BodyFraming,
+               target: Route, record: RequestRecord) -> After:
+        close = not client.end_if_bodiless(framing) or self._services.draining
+        kind = target.kind
+        if kind is RouteKind.BAD_TARGET:
+            raise ClientRequestError(400, "invalid request target")
+        if kind is RouteKind.NOT_FOUND:
+            return refuse(client, record, 404, "not found", close=close)
+        if request.method not in (b"GET", b"HEAD"):
+            return refuse(client, record, 405, "method not allowed", close=close,
+                          extra=[(b"Allow", b"GET, HEAD")])
+        status, ctype, body, extra = self._page(kind)
+        record.outcome = Outcome.LOCAL
+        respond(client, record, status, ctype, body, close=close, extra=extra,
+                head_only=request.method == b"HEAD")
+        return After.LINGER if close else After.KEEP_ALIVE
+
+    def _page(self, kind: RouteKind) -> tuple[int, bytes, bytes, Headers]:
+        services = self._services
+        if kind is RouteKind.METRICS_RAW:
+            return 200, services.metrics.content_type.encode(), services.metrics.render(), []
+        if kind is RouteKind.METRICS:
+            page = dashboard.render(services.keys.snapshot(), services.metrics.totals())
+            return 200, b"text/html; charset=utf-8", page, []
+        return self._health()
+
+    def _health(self) -> tuple[int, bytes, bytes, Headers]:
+        services = self._services
+        keys = services.keys
+        counts = keys.counts()
+        usable = counts["available"]
+        doc: dict[str, object] = {
+            "status": "ok" if usable else "unavailable",
+            "keys": {**counts, "total": len(keys)},
+            "uptime_seconds": round(time.monotonic() - services.started, 3),
+            "draining": services.draining,
+        }
+        extra: Headers = []
+        soonest = keys.soonest_available() if not usable else None
+        if soonest is not None:
+            doc["retry_after_seconds"] = seconds = whole_seconds(soonest)
+            extra.append((b"Retry-After", str(seconds).encode()))
+        return (200 if usable else 503), JSON, json.dumps(doc).encode(), extra
+
+
+def error_answer(client: ClientConnection, record: RequestRecord, exc: BaseException,
+                 outcome: Outcome, *, close: bool = False) -> After:
+    return respond_error(client, record, answer_for(exc), close=close, outcome=outcome)

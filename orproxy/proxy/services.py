@@ -1,0 +1,37 @@
+"""The running proxy's shared parts, built once by the app and handed to every connection.
+
+Plain wiring: no behaviour of its own beyond values derived once from the config.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from orproxy.config import Config
+from orproxy.keys import KeyPool
+from orproxy.observe.metrics import Metrics
+from orproxy.proxy.attempts import AttemptLoop
+from orproxy.upstream.pool import UpstreamPool
+
+
+class Closable(Protocol):
+    def close_if_idle(self) -> None: ...
+
+
+@dataclass
+class Services:
+    config: Config
+    keys: KeyPool
+    upstream: UpstreamPool
+    attempts: AttemptLoop
+    metrics: Metrics
+    started: float = field(default_factory=time.monotonic)
+    draining: bool = False
+    connections: set[Closable] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.access_key = self.config.server.access_key.encode()
+        self.public = frozenset(p.encode() for p in self.config.openrouter.public_endpoints)
+        self.base_path = self.config.openrouter.base_url.path.encode()
