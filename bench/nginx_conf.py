@@ -1,7 +1,7 @@
 """nginx.conf for the reference subject: one worker, plain keep-alive reverse proxy.
 
-As the issue asks (keepalive 64 to the upstream, HTTP/1.1 with an empty Connection
-header, proxy_buffering off, no access log), plus one deliberate change: a 64 KB
+The usual keep-alive proxy setup (keepalive 64 to the upstream, HTTP/1.1 with an empty
+Connection header, proxy_buffering off, no access log), plus one deliberate change: a 64 KB
 relay buffer instead of the 4 KB default, so that nginx is not handicapped on large
 bodies.
 """

@@ -1,11 +1,22 @@
-"""Renders a run as Markdown (bench/RESULTS.md) and a short console summary."""
+"""Renders a run as Markdown, JSON and a console summary, and writes the report files.
+
+Generated reports go to bench/out/ (git-ignored) under a UTC timestamp, with latest.md and
+latest.json copies, or where ``--out``/``--json`` say. bench/RESULTS.md is hand-written and
+committed: nothing here writes it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 from bench import targets
 from bench.runner import RunData
+from bench.settings import OUT_DIR, RESULTS_MD, is_orproxy
 from bench.workloads import MetricSpec, Workload
 
 PLACEMENT_RATIONALE = (
@@ -38,47 +49,72 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×"
 
 
-def _target_cell(wl: Workload, metric: MetricSpec, medians: targets.Medians) -> str:
+def _target_cell(wl: Workload, metric: MetricSpec, medians: targets.Medians, subject: str) -> str:
     cells = []
     for t in targets.for_workload(wl.id):
         if t.metric == metric.key:
-            v = targets.evaluate(t, medians)
+            v = targets.evaluate(t, medians, subject)
             cells.append(f"{v.mark()} {t.text} ({v.shown()})")
     return "; ".join(cells)
 
 
+def _orproxies(subjects: list[str]) -> list[str]:
+    """orproxy and its variants, orproxy first: the subjects the targets are judged for."""
+    return sorted((s for s in subjects if is_orproxy(s)), key=lambda s: s != "orproxy")
+
+
+def _ratio_columns(subjects: list[str]) -> list[tuple[str, str]]:
+    """(numerator, denominator) pairs: orproxy against nginx and direct, variants against
+    orproxy (or, without orproxy, the first variant against nginx and direct)."""
+    mine = _orproxies(subjects)
+    if not mine:
+        return []
+    first, *others = mine
+    refs = [(first, ref) for ref in ("nginx", "direct") if ref in subjects]
+    return refs + [(other, first) for other in others]
+
+
 def workload_table(wl: Workload, medians: targets.Medians, subjects: list[str]) -> list[str]:
-    head = ["metric", *subjects]
-    show_ratios = "orproxy" in subjects
-    if show_ratios:
-        head += ["orproxy/nginx", "orproxy/direct"]
-    head.append("target (orproxy)")
+    ratios = _ratio_columns(subjects)
+    judged = _orproxies(subjects)[:1]
+    head = ["metric", *subjects, *(f"{a}/{b}" for a, b in ratios)]
+    head += [f"target ({s})" for s in judged]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in wl.metrics:
-        row = [m.label]
         vals = {s: medians.get(s, {}).get(m.key) for s in subjects}
         if all(v is None for v in vals.values()):
             continue
-        row += [_fmt(vals[s], m.digits) for s in subjects]
-        if show_ratios:
-            o = vals.get("orproxy")
-            row += (
-                [_ratio(o, vals.get("nginx")), _ratio(o, vals.get("direct"))]
-                if m.ratio
-                else ["", ""]
-            )
-        row.append(_target_cell(wl, m, medians))
+        row = [m.label, *(_fmt(vals[s], m.digits) for s in subjects)]
+        row += [_ratio(vals[a], vals[b]) if m.ratio else "" for a, b in ratios]
+        row += [_target_cell(wl, m, medians, s) for s in judged]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
-def _verdicts(data: RunData) -> list[tuple[str, targets.Verdict]]:
+def _verdicts(data: RunData, subject: str) -> list[tuple[str, targets.Verdict]]:
     out = []
     for wl in data.workloads:
         medians = data.medians(wl.id)
         for t in targets.for_workload(wl.id):
-            out.append((wl.id, targets.evaluate(t, medians)))
+            out.append((wl.id, targets.evaluate(t, medians, subject)))
     return out
+
+
+def _targets_section(data: RunData) -> list[str]:
+    judged = _orproxies(data.subjects)
+    if not judged:
+        return []
+    verdicts = {s: _verdicts(data, s) for s in judged}
+    met = ", ".join(
+        f"{s} {sum(1 for _, v in vs if v.ok)}/{sum(1 for _, v in vs if v.ok is not None)} met"
+        for s, vs in verdicts.items()
+    )
+    head = ["workload", "target", *(c for s in judged for c in (s, ""))]
+    lines = [f"## Targets: {met}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, (wid, first) in enumerate(verdicts[judged[0]]):
+        cells = [f"{vs[i][1].shown()} | {vs[i][1].mark()}" for vs in verdicts.values()]
+        lines.append(f"| {wid} | {first.target.text} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def render(data: RunData) -> str:
@@ -93,6 +129,7 @@ def render(data: RunData) -> str:
         f"{p.warmup_s:g} s warm-up; figures are medians of the repeats (completions: worst, "
         "errors: worst).",
         f"- Subjects: {', '.join(data.subjects)}",
+        *[f"- Variant {v.subject}: orproxy with {v.describe()}" for v in data.variants],
         f"- Run took {data.duration_s / 60:.1f} min"
         + (
             f" (of which {data.waited_s:.0f} s waiting for an idle machine)"
@@ -113,19 +150,7 @@ def render(data: RunData) -> str:
     ]
     if data.pinning.enabled:
         lines += [PLACEMENT_RATIONALE, ""]
-    verdicts = _verdicts(data)
-    if "orproxy" in data.subjects:
-        passed = sum(1 for _, v in verdicts if v.ok)
-        known = sum(1 for _, v in verdicts if v.ok is not None)
-        lines += [
-            f"## Targets for orproxy: {passed}/{known} met",
-            "",
-            "| workload | target | orproxy | |",
-            "|---|---|---|---|",
-        ]
-        for wid, v in verdicts:
-            lines.append(f"| {wid} | {v.target.text} | {v.shown()} | {v.mark()} |")
-        lines.append("")
+    lines += _targets_section(data)
     lines += ["## Results", ""]
     for wl in data.workloads:
         lines += [f"### {wl.id}: {wl.title}", "", wl.what + ".", ""]
@@ -159,28 +184,13 @@ def _problems_section(data: RunData) -> list[str]:
             items.append(f"{name} exited with code {code} after SIGTERM (expected 0)")
     for wl in data.workloads:
         for subject, runs in data.results.get(wl.id, {}).items():
-            errs = sum(r.get("errors", 0.0) for r in runs)
-            if errs:
-                items.append(f"{wl.id}: {subject} had {errs:.0f} errors over {len(runs)} run(s)")
-    for wl in data.workloads:
-        for subject, runs in data.results.get(wl.id, {}).items():
-            noisy = [
-                r
-                for r in runs
-                if r.get("other_cpu_pct", 0.0) > 10.0
-                or r.get("other_cpu_s", 0.0) > 0.1 * r.get("wall_s", 1e9)
-            ]
-            if noisy:
-                items.append(
-                    f"{wl.id}: {len(noisy)}/{len(runs)} run(s) of {subject} had other "
-                    "processes using >10% of a core (noisy)"
-                )
+            items += _run_problems(wl.id, subject, runs)
     if data.noisy_starts:
         items.append(
             f"{data.noisy_starts} run(s) started while the machine was still busy "
             f"after waiting {data.quiet_wait_s:g} s"
         )
-    for name in ("orproxy", "nginx"):
+    for name in (s for s in data.subjects if s != "direct"):
         text = data.logs.get(name, "").strip()
         if text:
             log_lines = text.splitlines()
@@ -192,6 +202,32 @@ def _problems_section(data: RunData) -> list[str]:
     lines += [f"- {item}" for item in items] or ["- none"]
     lines += [f"- note: {n}" for n in data.notes]
     return [*lines, ""]
+
+
+def _run_problems(workload: str, subject: str, runs: list[dict[str, float]]) -> list[str]:
+    """Errors, noisy runs and dropped keep-alive connections among one subject's repeats."""
+    out = []
+    errs = sum(r.get("errors", 0.0) for r in runs)
+    if errs:
+        out.append(f"{workload}: {subject} had {errs:.0f} errors over {len(runs)} run(s)")
+    noisy = sum(
+        1
+        for r in runs
+        if r.get("other_cpu_pct", 0.0) > 10.0
+        or r.get("other_cpu_s", 0.0) > 0.1 * r.get("wall_s", 1e9)
+    )
+    if noisy:
+        out.append(
+            f"{workload}: {noisy}/{len(runs)} run(s) of {subject} had other processes using "
+            ">10% of a core (noisy)"
+        )
+    conns = max((r.get("connections", 1.0) for r in runs), default=1.0)
+    if conns > 1:
+        out.append(
+            f"{workload}: {subject} needed {conns:.0f} connections for sequential requests "
+            "(keep-alive not held)"
+        )
+    return out
 
 
 def _raw_section(data: RunData) -> list[str]:
@@ -211,16 +247,92 @@ def _raw_section(data: RunData) -> list[str]:
 def console_summary(data: RunData) -> str:
     """Compact text for the terminal."""
     out = []
+    judged = _orproxies(data.subjects)[:1]
     for wl in data.workloads:
         out.append(f"{wl.id}: {wl.title}")
         medians = data.medians(wl.id)
         for m in wl.metrics:
             vals = [f"{s}={_fmt(medians.get(s, {}).get(m.key), m.digits)}" for s in data.subjects]
-            cell = _target_cell(wl, m, medians)
+            cell = "; ".join(c for s in judged if (c := _target_cell(wl, m, medians, s)))
             out.append(f"  {m.label:42s} " + "  ".join(vals) + (f"   [{cell}]" if cell else ""))
-    for _, v in _verdicts(data):
-        if v.ok is False:
-            out.append(f"target missed: {v.target.workload} {v.target.text} ({v.shown()})")
+    for subject in _orproxies(data.subjects):
+        for _, v in _verdicts(data, subject):
+            if v.ok is False:
+                out.append(
+                    f"target missed by {subject}: {v.target.workload} {v.target.text} ({v.shown()})"
+                )
     for f in data.failures:
         out.append(f"FAILURE: {f}")
     return "\n".join(out)
+
+
+def raw_json(data: RunData) -> dict[str, Any]:
+    """What the JSON file holds: the run's identity, every repeat's figures, checks, failures."""
+    return {
+        "command": data.command,
+        "started": data.started,
+        "profile": dataclasses.asdict(data.profile),
+        "subjects": data.subjects,
+        "variants": {v.subject: v.describe() for v in data.variants},
+        "results": data.results,
+        "checks": {s: [dataclasses.asdict(c) for c in cs] for s, cs in data.checks.items()},
+        "failures": data.failures,
+    }
+
+
+class OutputError(ValueError):
+    """A report path that must not be written."""
+
+
+def check_output(path: Path) -> None:
+    """Refuse the committed, hand-written bench/RESULTS.md (also through a symlink)."""
+    if path.resolve() == RESULTS_MD.resolve():
+        raise OutputError(
+            f"{path} is the hand-written bench/RESULTS.md; generated reports go to "
+            f"{OUT_DIR} or to another --out/--json path"
+        )
+
+
+def write_reports(
+    data: RunData,
+    *,
+    out: Path | None = None,
+    json_out: Path | None = None,
+    out_dir: Path = OUT_DIR,
+    stamp: str | None = None,
+) -> list[Path]:
+    """Write the Markdown report (and JSON); returns the paths written.
+
+    Without ``out``: ``out_dir/<stamp>.md`` and ``.json`` (or ``json_out``), each copied to
+    ``latest.*``. With ``out``: that file, plus ``json_out`` only if given.
+    """
+    stamp = stamp or datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%SZ")
+    markdown = render(data)
+    raw = json.dumps(raw_json(data), indent=1) + "\n"
+    files: list[tuple[Path, str]] = []
+    if out is not None:
+        files.append((out, markdown))
+        if json_out is not None:
+            files.append((json_out, raw))
+    else:
+        base = _unique(out_dir, stamp)
+        files += [(base.with_suffix(".md"), markdown), (out_dir / "latest.md", markdown)]
+        if json_out is not None:
+            files.append((json_out, raw))
+        else:
+            files += [(base.with_suffix(".json"), raw), (out_dir / "latest.json", raw)]
+    for path, _ in files:
+        check_output(path)
+    for path, text in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return [path for path, _ in files]
+
+
+def _unique(out_dir: Path, stamp: str) -> Path:
+    """``out_dir/stamp`` (no suffix), numbered if a report of that second exists already."""
+    base, n = out_dir / stamp, 1
+    while base.with_suffix(".md").exists() or base.with_suffix(".json").exists():
+        n += 1
+        base = out_dir / f"{stamp}-{n}"
+    return base

@@ -17,13 +17,22 @@ import psutil
 
 from bench import checks
 from bench.fake_upstream import raise_nofile_limit
-from bench.settings import NGINX_PORT, ORPROXY_PORT, REPO_ROOT, UPSTREAM_PORT, Pinning, Profile
+from bench.settings import (
+    NGINX_PORT,
+    ORPROXY_PORT,
+    REPO_ROOT,
+    UPSTREAM_PORT,
+    VARIANT_PORT,
+    Pinning,
+    Profile,
+)
 from bench.stats import median
 from bench.subjects import Nginx, Orproxy, Service, Subject, Upstream
+from bench.variants import Variant
 from bench.workloads import Context, Metrics, Workload
 
 # How repeats are combined: worst case for correctness counters, median otherwise.
-_AGGREGATE = {"complete": min, "ok": min, "errors": max}
+_AGGREGATE = {"complete": min, "ok": min, "errors": max, "connections": max}
 # Total time a run may spend waiting for other processes to go idle.
 _QUIET_BUDGET_S = 120.0
 
@@ -39,6 +48,7 @@ class RunData:
     command: str
     started: str
     machine: dict[str, str]
+    variants: list[Variant] = field(default_factory=list)
     results: dict[str, dict[str, list[Metrics]]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     checks: dict[str, list[checks.Check]] = field(default_factory=dict)
@@ -110,11 +120,7 @@ def run(data: RunData, workdir_keep: bool = False) -> RunData:
             if name == "direct":
                 subjects.append(Subject("direct", UPSTREAM_PORT, upstream))
                 continue
-            svc: Service
-            if name == "nginx":
-                svc = Nginx(NGINX_PORT, workdir, cpus, UPSTREAM_PORT)
-            else:
-                svc = Orproxy(ORPROXY_PORT, workdir, cpus, UPSTREAM_PORT)
+            svc = _service(name, data.variants, workdir, cpus)
             _log(f"starting {name} on :{svc.port}")
             svc.start()
             services.append(svc)
@@ -142,6 +148,15 @@ def run(data: RunData, workdir_keep: bool = False) -> RunData:
             shutil.rmtree(workdir, ignore_errors=True)
         data.duration_s = time.monotonic() - t_start
     return data
+
+
+def _service(name: str, variants: list[Variant], workdir: Path, cpus: tuple[int, ...]) -> Service:
+    if name == "nginx":
+        return Nginx(NGINX_PORT, workdir, cpus, UPSTREAM_PORT)
+    if name == "orproxy":
+        return Orproxy(ORPROXY_PORT, workdir, cpus, UPSTREAM_PORT)
+    index = next(i for i, v in enumerate(variants) if v.subject == name)
+    return Orproxy(VARIANT_PORT + index, workdir, cpus, UPSTREAM_PORT, variants[index])
 
 
 def _run_workloads(data: RunData, ctx: Context, subjects: list[Subject]) -> None:
@@ -176,6 +191,6 @@ def _run_workloads(data: RunData, ctx: Context, subjects: list[Subject]) -> None
                     for m in wl.metrics[:4]
                     if m.key in metrics and not math.isnan(metrics[m.key])
                 )
-                _log(f"  rep {rep + 1} {s.name:8s} {shown}")
+                _log(f"  rep {rep + 1} {s.name:12s} {shown}")
                 if data.quiet_wait_s <= 0:
                     time.sleep(0.3)

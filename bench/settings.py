@@ -8,13 +8,17 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
+OUT_DIR = BENCH_DIR / "out"  # generated reports (git-ignored)
+RESULTS_MD = BENCH_DIR / "RESULTS.md"  # hand-written and committed: never generated
 
 HOST = "127.0.0.1"
 UPSTREAM_PORT = 18090
 ORPROXY_PORT = 18081
 NGINX_PORT = 18082
+VARIANT_PORT = 18083  # the first orproxy variant; the next ones count up
 
 ACCESS_KEY = "bench-access-key"
+AUTH_HEADERS = {"Authorization": f"Bearer {ACCESS_KEY}", "Content-Type": "application/json"}
 UPSTREAM_KEYS = ("sk-or-v1-bench-aaaa", "sk-or-v1-bench-bbbb", "sk-or-v1-bench-cccc")
 
 CHAT_PATH = "/api/v1/chat/completions"
@@ -22,6 +26,11 @@ MODELS_PATH = "/api/v1/models"
 STATS_PATH = "/_bench/stats"
 
 SUBJECTS = ("direct", "nginx", "orproxy")
+
+
+def is_orproxy(subject: str) -> bool:
+    """orproxy itself or one of its variants (``orproxy-NAME``)."""
+    return subject == "orproxy" or subject.startswith("orproxy-")
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,11 @@ three subjects get the same placement.
 
 from __future__ import annotations
 
-import http.client
+import asyncio
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from bench import nginx_conf
+from bench import client, nginx_conf
 from bench.procstats import ProcTree
 from bench.settings import (
     ACCESS_KEY,
@@ -26,6 +28,7 @@ from bench.settings import (
     STATS_PATH,
     UPSTREAM_KEYS,
 )
+from bench.variants import Variant
 
 
 class StartError(RuntimeError):
@@ -33,21 +36,15 @@ class StartError(RuntimeError):
 
 
 def http_status(port: int, path: str, timeout: float = 1.0) -> int:
-    """GET ``path`` on loopback; returns the status or 0 when unreachable."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    except (OSError, http.client.HTTPException):
-        return 0
-    finally:
-        conn.close()
+    """GET ``path`` on loopback; returns the status of a complete response, else 0."""
+    resp = asyncio.run(client.fetch(HOST, port, "GET", path, timeout=timeout))
+    return resp.status if resp.ok else 0
 
 
 def port_in_use(port: int) -> bool:
-    return http_status(port, "/", timeout=0.3) != 0
+    with socket.socket() as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex((HOST, port)) == 0
 
 
 def pin_prefix(cpus: tuple[int, ...]) -> list[str]:
@@ -60,7 +57,10 @@ class Service:
     name = "service"
     ready_path = "/"
 
-    def __init__(self, port: int, workdir: Path, cpus: tuple[int, ...]) -> None:
+    def __init__(
+        self, port: int, workdir: Path, cpus: tuple[int, ...], name: str | None = None
+    ) -> None:
+        self.name = name or type(self).name  # orproxy variants are named orproxy-NAME
         self.port = port
         self.workdir = workdir
         self.cpus = cpus
@@ -175,26 +175,38 @@ class Nginx(Service):
 
 
 class Orproxy(Service):
-    """``python -m orproxy --config PATH`` with a generated bench config."""
+    """``python -m orproxy --config PATH`` with a generated bench config (plus a variant's)."""
 
     name = "orproxy"
     ready_path = "/health"
 
-    def __init__(self, port: int, workdir: Path, cpus: tuple[int, ...], upstream_port: int) -> None:
-        super().__init__(port, workdir, cpus)
-        self.config = workdir / "orproxy.yaml"
-        config = orproxy_config(port, upstream_port)
-        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+    def __init__(
+        self,
+        port: int,
+        workdir: Path,
+        cpus: tuple[int, ...],
+        upstream_port: int,
+        variant: Variant | None = None,
+    ) -> None:
+        super().__init__(port, workdir, cpus, variant.subject if variant else None)
+        self.config = workdir / f"{self.name}.yaml"
+        write_orproxy_config(self.config, port, upstream_port, variant)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "orproxy", "--config", str(self.config)]
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
-        return env
+        return orproxy_env()
+
+
+def orproxy_env() -> dict[str, str]:
+    """The environment for orproxy: the repo importable, and the variables that would override
+    the bench's keys and access key removed (real keys must never meet the fake upstream)."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OPENROUTER_KEYS", "ORPROXY_ACCESS_KEY")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def orproxy_config(port: int, upstream_port: int) -> dict[str, object]:
@@ -214,19 +226,58 @@ def orproxy_config(port: int, upstream_port: int) -> dict[str, object]:
     }
 
 
-def orproxy_importable() -> tuple[bool, str]:
-    """Whether ``import orproxy.__main__`` works from the repo root."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-c", "import orproxy.__main__"],
+def write_orproxy_config(
+    path: Path, port: int, upstream_port: int, variant: Variant | None = None
+) -> Path:
+    config = orproxy_config(port, upstream_port)
+    if variant is not None:
+        config = variant.apply(config)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _run_orproxy(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
         cwd=REPO_ROOT,
-        env=env,
+        env=orproxy_env(),
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def orproxy_importable() -> tuple[bool, str]:
+    """Whether ``import orproxy.__main__`` works from the repo root."""
+    proc = _run_orproxy(["-c", "import orproxy.__main__"])
     return proc.returncode == 0, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+
+
+def variant_problems(variant: Variant, workdir: Path) -> str | None:
+    """What ``orproxy --check`` says against the variant's config, or ``None`` if it is valid."""
+    path = write_orproxy_config(workdir / f"{variant.subject}.yaml", 0, 1, variant)
+    proc = _run_orproxy(["-m", "orproxy", "--check", "--config", str(path)])
+    if proc.returncode == 0:
+        return None
+    return (proc.stderr or proc.stdout).strip() or f"orproxy --check exited {proc.returncode}"
+
+
+# What each tool is for, and the Debian package that has it.
+TOOLS = {
+    "wrk": ("load generator of W1-W3", "wrk"),
+    "nginx": ("the nginx subject", "nginx-light"),
+    "taskset": ("CPU pinning (or run with --no-pin)", "util-linux"),
+}
+
+
+def missing_tools(needed: list[str]) -> list[str]:
+    """One line per tool in ``needed`` that is not on PATH, saying how to install it."""
+    return [
+        f"missing tool: {tool} (needed for {TOOLS[tool][0]}); "
+        f"install it with: apt-get install -y {TOOLS[tool][1]}"
+        for tool in needed
+        if shutil.which(tool) is None
+    ]
 
 
 class Subject:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench import payloads, wrk
 from bench.procstats import ProcTree, run_sampled
-from bench.settings import ACCESS_KEY, CHAT_PATH, HOST, MODELS_PATH, Pinning, Profile
+from bench.settings import AUTH_HEADERS, CHAT_PATH, HOST, MODELS_PATH, Pinning, Profile
 from bench.subjects import Subject, pin_prefix
 
 Metrics = dict[str, float]
@@ -34,8 +34,6 @@ class Context:
     workdir: Path
     upstream: ProcTree
 
-
-_AUTH = {"Authorization": f"Bearer {ACCESS_KEY}", "Content-Type": "application/json"}
 
 _COMMON = [
     MetricSpec("subj_cpu_pct", "subject CPU % (of one core)", 0),
@@ -74,7 +72,9 @@ class WrkWorkload(Workload):
     chunks_per_request: int = 0  # >0: SSE streams, report chunk rates
 
     def _script(self, ctx: Context) -> Path:
-        return wrk.write_script(ctx.workdir / f"{self.id}.lua", self.method, self.body, _AUTH)
+        return wrk.write_script(
+            ctx.workdir / f"{self.id}.lua", self.method, self.body, AUTH_HEADERS
+        )
 
     def _wrk(
         self, ctx: Context, subject: Subject, duration: float
@@ -128,7 +128,7 @@ def _client_cmd(ctx: Context, subject: Subject, args: list[str]) -> list[str]:
         *pin_prefix(ctx.pinning.loadgen),
         sys.executable,
         "-m",
-        "bench.loadclient",
+        "bench.client",
         *args,
         "--host",
         HOST,
@@ -219,6 +219,7 @@ class TtfbWorkload(Workload):
             "ttfe_p50_ms": _num(data, "ttfe_p50_ms"),
             "ttfe_p99_ms": _num(data, "ttfe_p99_ms"),
             "ok": _num(data, "ok"),
+            "connections": _num(data, "connections"),
             "errors": _num(data, "requests") - _num(data, "ok"),
         }
 
@@ -342,6 +343,7 @@ def build(profile: Profile) -> list[Workload]:
                 MetricSpec("ttfb_p99_ms", "TTFB p99 ms", 3, True),
                 MetricSpec("ttfe_p50_ms", "first SSE event p50 ms", 3, True),
                 MetricSpec("ttfe_p99_ms", "first SSE event p99 ms", 3, True),
+                MetricSpec("connections", "connections used (1 = keep-alive held)", 0),
                 MetricSpec("errors", "errors", 0),
             ],
         ),
