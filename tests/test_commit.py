@@ -1,0 +1,280 @@
+"""Commit late: the first real SSE event decides, whatever the split (chat, Responses,
+Anthropic)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orproxy.proxy.commit import Decision, FirstEvent
+from orproxy.upstream.classify import Outcome, Scope, classify
+
+HOLD, COMMIT, ERROR = Decision.HOLD, Decision.COMMIT, Decision.ERROR
+PROCESSING = b": OPENROUTER PROCESSING\n\n"
+
+
+def data(doc: Any, *, event: str | None = None, eol: bytes = b"\n") -> bytes:
+    head = b"event: " + event.encode() + eol if event else b""
+    return head + b"data: " + json.dumps(doc, separators=(",", ":")).encode() + eol + eol
+
+
+ROLE_DELTA = data({"id": "gen-1", "provider": "OpenAI", "model": "openai/gpt-4o-mini",
+                   "object": "chat.completion.chunk", "created": 1788217200,
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None, "native_finish_reason": None,
+                                "logprobs": None}]})
+CONTENT = data({"id": "gen-1", "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": None}]})
+RATE_LIMIT_ERROR = {"code": 429, "message": "Rate limit exceeded: free-models-per-day",
+                    "metadata": {"headers": {"X-RateLimit-Limit": "50",
+                                             "X-RateLimit-Remaining": "0",
+                                             "X-RateLimit-Reset": "1788220800000"}}}
+ERROR_CHUNK = data({"id": "gen-1", "object": "chat.completion.chunk", "provider": "Chutes",
+                    "error": RATE_LIMIT_ERROR,
+                    "choices": [{"index": 0, "delta": {"content": ""},
+                                 "finish_reason": "error"}]})
+
+
+def run(stream: bytes, **kwargs: Any) -> FirstEvent:
+    first = FirstEvent(**kwargs)
+    first.feed(stream)
+    return first
+
+
+def envelope(first: FirstEvent) -> Any:
+    assert first.error_envelope is not None
+    return json.loads(first.error_envelope)
+
+
+# --- holding --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [
+    b"", PROCESSING, PROCESSING * 20, b": OPENROUTER PROCESSING", b"\n\n\r\n\r\r",
+    b"data: {\"choices\":[]}",  # a line not yet ended
+    b"data: {\"choices\":[]}\n",  # an event not yet ended
+    b"event: message_start\n\n",  # a name without data is no event
+    b"id: 7\nretry: 1000\n\n",
+    data({"type": "ping"}, event="ping"),  # Anthropic's keep-alive
+])
+def test_comments_blank_lines_and_partial_events_hold(stream: bytes) -> None:
+    first = run(stream)
+    assert first.decision is HOLD
+    assert first.error_envelope is None and first.error_status is None
+
+
+# --- committing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [
+    PROCESSING + ROLE_DELTA,
+    ROLE_DELTA + ERROR_CHUNK,  # content came first: an error now is mid-stream, not ours
+    PROCESSING * 3 + CONTENT,
+    b"data: [DONE]\n\n",
+    b"data: not json\n\n",
+    b"data:\n\n",  # an empty data line still makes an event (WHATWG)
+    b'data: ["a"]\n\n',
+    b'data: {"error": null, "choices": []}\n\n',
+    data({"type": "response.created", "sequence_number": 0,
+          "response": {"id": "resp_1", "status": "in_progress", "error": None}},
+         event="response.created"),
+    data({"type": "message_start", "message": {"id": "msg_1", "role": "assistant",
+                                               "content": []}}, event="message_start"),
+    data({"type": "ping"}, event="ping") + data({"type": "message_start"}, event="message_start"),
+])
+def test_any_other_complete_data_event_commits(stream: bytes) -> None:
+    first = run(stream)
+    assert first.decision is COMMIT
+    assert first.error_envelope is None and first.error_status is None
+
+
+# --- errors before any content -----------------------------------------------------------------
+
+
+def test_chat_error_chunk_before_content_is_an_error_classify_can_read() -> None:
+    first = run(PROCESSING + PROCESSING + ERROR_CHUNK + CONTENT)
+    assert first.decision is ERROR and first.error_status == 429
+    assert envelope(first) == {"error": RATE_LIMIT_ERROR}
+    assert first.error_envelope == json.dumps({"error": RATE_LIMIT_ERROR},
+                                              separators=(",", ":")).encode()  # compact
+    verdict = classify(first.error_status, [], first.error_envelope, 1788220800.0 - 3600)
+    assert verdict.outcome is Outcome.KEY_LIMITED and verdict.scope is Scope.ACCOUNT
+    assert verdict.rest_seconds == 3600.0
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
+def test_line_ends_lf_crlf_and_cr(eol: bytes) -> None:
+    stream = PROCESSING.replace(b"\n", eol) + ERROR_CHUNK.replace(b"\n", eol)
+    assert run(stream).decision is ERROR
+    assert run(ROLE_DELTA.replace(b"\n", eol)).decision is COMMIT
+
+
+def test_multi_line_data_is_joined_with_lf() -> None:
+    stream = (b'data: {"error":\r\ndata: {"code": 502,\ndata:"message":"Provider down"}}\n'
+              b"\n")
+    first = run(stream)
+    assert first.decision is ERROR and first.error_status == 502
+    assert envelope(first) == {"error": {"code": 502, "message": "Provider down"}}
+
+
+def test_multi_line_data_split_inside_a_crlf_is_not_cut_short() -> None:
+    stream = b'data: {"error":\r\ndata: {"code": 504}}\r\n\r\n'
+    for cut in range(len(stream) + 1):
+        first = FirstEvent()
+        first.feed(stream[:cut])
+        assert first.feed(stream[cut:]) is ERROR, cut
+        assert first.error_status == 504
+
+
+def test_lines_of_an_error_events_text_are_kept_apart() -> None:
+    first = run(b"event: error\ndata: upstream\ndata: exploded\n\n")
+    assert envelope(first) == {"error": {"message": "upstream\nexploded"}}
+
+
+def test_data_nested_too_deep_to_decode_commits() -> None:
+    assert run(b"data: " + b"[" * 100_000 + b"\n\n", max_hold_bytes=200_000).decision is COMMIT
+
+
+def test_responses_error_event() -> None:
+    first = run(data({"type": "error", "code": "rate_limit_exceeded",
+                      "message": "Rate limit exceeded", "param": None, "sequence_number": 0},
+                     event="error"))
+    assert first.decision is ERROR and first.error_status is None
+    assert envelope(first) == {"error": {"code": "rate_limit_exceeded",
+                                         "message": "Rate limit exceeded", "param": None}}
+    nested = run(data({"type": "error", "error": {"code": 429, "message": "slow down"}}))
+    assert nested.error_status == 429
+    unnamed = run(data({"type": "error", "code": "server_error", "message": "x"}))  # no event:
+    assert unnamed.decision is ERROR
+    assert envelope(unnamed) == {"error": {"code": "server_error", "message": "x"}}
+
+
+def test_responses_failed_before_output() -> None:
+    created = data({"type": "response.created", "response": {"id": "r", "status": "queued"}},
+                   event="response.created")
+    failed = data({"type": "response.failed", "sequence_number": 1,
+                   "response": {"id": "r", "status": "failed",
+                                "error": {"code": 429, "message": "Rate limit exceeded"}}},
+                  event="response.failed")
+    # response.created is a real event: commit happens there, as for a role delta
+    assert run(created + failed).decision is COMMIT
+    first = run(failed)
+    assert first.decision is ERROR and first.error_status == 429
+    assert envelope(first) == {"error": {"code": 429, "message": "Rate limit exceeded"}}
+    bare = run(data({"type": "response.failed", "response": {"status": "failed"}}))
+    assert envelope(bare) == {"error": {"message": "response failed"}}
+
+
+def test_anthropic_error_event() -> None:
+    first = run(data({"type": "error", "error": {"type": "overloaded_error",
+                                                 "message": "Overloaded"}}, event="error"))
+    assert first.decision is ERROR and first.error_status is None
+    assert envelope(first) == {"error": {"type": "overloaded_error", "message": "Overloaded"}}
+
+
+@pytest.mark.parametrize("stream", [b"event: error\ndata: upstream exploded\n\n",
+                                    b'event: error\ndata: {"message": "bad"}\n\n',
+                                    b"event: error\ndata: [1]\n\n"])
+def test_an_event_named_error_is_an_error_whatever_its_data(stream: bytes) -> None:
+    first = run(stream)
+    assert first.decision is ERROR and first.error_envelope is not None
+    assert "error" in envelope(first)
+
+
+def test_error_status_only_for_an_int_http_status() -> None:
+    for code, status in ((429, 429), ("429", None), (True, None), (42, None), (4290, None)):
+        first = run(data({"error": {"code": code, "message": "x"}}))
+        assert first.decision is ERROR and first.error_status == status, code
+
+
+def test_a_utf8_bom_before_the_first_line_is_ignored() -> None:
+    assert run(b"\xef\xbb\xbf" + ERROR_CHUNK).decision is ERROR
+    assert run(b"\xef\xbb\xbf" + PROCESSING).decision is HOLD
+
+
+# --- the hold limit and stickiness ----------------------------------------------------------
+
+
+def test_more_than_max_hold_bytes_without_a_decision_commits() -> None:
+    first = FirstEvent(max_hold_bytes=100)
+    assert first.feed(b":" + b"x" * 98 + b"\n") is HOLD  # exactly 100 bytes: still holding
+    assert first.feed(b"\n") is COMMIT
+    assert first.error_envelope is None
+
+
+def test_an_error_event_ending_past_the_limit_is_not_waited_for() -> None:
+    pad = b": " + b"p" * 200 + b"\n"
+    limit = len(pad) + len(ERROR_CHUNK)
+    assert run(pad + ERROR_CHUNK, max_hold_bytes=limit).decision is ERROR
+    assert run(pad + ERROR_CHUNK, max_hold_bytes=limit - 1).decision is COMMIT
+    assert run(b"data: " + b"x" * 70_000 + b"\n\n").decision is COMMIT  # default 64 KiB
+
+
+def test_a_decision_sticks() -> None:
+    first = FirstEvent()
+    assert first.feed(ERROR_CHUNK) is ERROR
+    saved = first.error_envelope
+    assert first.feed(ROLE_DELTA) is ERROR and first.feed(b"\x00" * 100_000) is ERROR
+    assert first.error_envelope == saved
+    other = FirstEvent()
+    assert other.feed(ROLE_DELTA) is COMMIT and other.feed(ERROR_CHUNK) is COMMIT
+    assert other.error_envelope is None and "commit" in repr(other)
+
+
+def test_bad_limit_is_refused() -> None:
+    with pytest.raises(ValueError):
+        FirstEvent(max_hold_bytes=0)
+
+
+# --- any split gives the same answer -----------------------------------------------------------
+
+
+PIECES = st.sampled_from([
+    PROCESSING, b": keep-alive\r\n\r\n", b"\n", b"\r\n", b"\r", ROLE_DELTA, CONTENT, ERROR_CHUNK,
+    ERROR_CHUNK.replace(b"\n", b"\r\n"), ERROR_CHUNK.replace(b"\n", b"\r"), b"data: [DONE]\n\n",
+    b"event: error\n", b"event: ping\n", b'data: {"type":"ping"}\n', b"data: x\n", b"data:",
+    b" {\"error\": {\"code\": 503}}\n", b"id: 1\n", b"\xef\xbb\xbf",
+    b'data: {"error":\r\n', b'data: {"error":\r', b'data: {"code": 504}}\r\n',
+    b'data: {"code": 504}}\r',
+    data({"type": "response.failed", "response": {"error": {"code": 402}}}),
+    data({"type": "error", "error": {"type": "overloaded_error"}}, event="error"),
+])
+
+
+def feed_in_pieces(stream: bytes, cuts: list[int], limit: int) -> FirstEvent:
+    first = FirstEvent(max_hold_bytes=limit)
+    last = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        first.feed(stream[last:cut])
+        last = cut
+    return first
+
+
+def outcome(first: FirstEvent) -> tuple[Decision, bytes | None, int | None]:
+    return first.decision, first.error_envelope, first.error_status
+
+
+@settings(max_examples=400, database=None, deadline=None)
+@given(parts=st.lists(PIECES, max_size=8), data_=st.data(),
+       limit=st.sampled_from([64 * 1024, 300, 150, 40, 1]))
+def test_any_split_gives_the_same_decision(parts: list[bytes], data_: st.DataObject,
+                                           limit: int) -> None:
+    stream = b"".join(parts)
+    cuts = data_.draw(st.lists(st.integers(0, len(stream)), max_size=12))
+    whole = outcome(run(stream, max_hold_bytes=limit))
+    assert outcome(feed_in_pieces(stream, cuts, limit)) == whole
+    assert outcome(feed_in_pieces(stream, list(range(len(stream))), limit)) == whole
+
+
+@settings(max_examples=300, database=None, deadline=None)
+@given(stream=st.binary(max_size=300), data_=st.data())
+def test_hostile_bytes_never_raise_and_split_alike(stream: bytes, data_: st.DataObject) -> None:
+    cuts = data_.draw(st.lists(st.integers(0, len(stream)), max_size=6))
+    whole = run(stream, max_hold_bytes=200)
+    assert outcome(feed_in_pieces(stream, cuts, 200)) == outcome(whole)
+    if whole.decision is ERROR:
+        assert whole.error_envelope is not None and json.loads(whole.error_envelope)["error"]
