@@ -12,15 +12,7 @@ import sys
 from orproxy import __version__
 from orproxy.app import App
 from orproxy.config import ConfigError, load_config
-
-
-def setup_logging(level: str, http_level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("orproxy.access").setLevel(http_level)
+from orproxy.observe.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"configuration OK: {len(config.openrouter.keys)} key(s)")
         return 0
-    setup_logging(config.server.log_level, config.server.http_log_level)
+    setup_logging(config.server.log_level, config.server.http_log_level,
+                  config.server.log_format)
     try:
         asyncio.run(App(config).serve())
     except OSError as exc:  # e.g. the port is taken

@@ -14,8 +14,10 @@ import socket
 import ssl
 
 from orproxy.config import Config
-from orproxy.keys import KeyPool
+from orproxy.keys import KeyEvent, KeyPool
 from orproxy.listener import Listener, raise_fd_limit
+from orproxy.observe.accounting import ModelTally
+from orproxy.observe.logs import key_event_line
 from orproxy.observe.metrics import Metrics
 from orproxy.proxy.attempts import AttemptLoop, AttemptSettings
 from orproxy.proxy.connection import ConnectionLoop
@@ -48,7 +50,7 @@ def build_services(config: Config) -> Services:
         return await dial(origin, tls, config.request_proxy, timeouts.upstream_connect_seconds)
 
     pool = UpstreamPool(dial_upstream, max_idle=config.limits.max_upstream_idle_connections)
-    metrics = Metrics()
+    metrics = Metrics(system=config.metrics.enable_system_metrics)
     settings = AttemptSettings(
         host_header=origin.host_header.encode(),
         first_byte_timeout=timeouts.upstream_first_byte_seconds,
@@ -60,8 +62,17 @@ def build_services(config: Config) -> Services:
         credit_cooldown=openrouter.credit_cooldown_seconds,
         overload_delay=openrouter.google_rate_delay,
     )
-    attempts = AttemptLoop(pool, keys, settings, on_attempt=metrics.attempt)
-    return Services(config, keys, pool, attempts, metrics)
+    attempts = AttemptLoop(pool, keys, settings, on_attempt=metrics.attempt,
+                           on_first_byte=metrics.first_byte)
+    models = ModelTally(allow=config.metrics.models, top_n=config.metrics.models_top_n)
+    keys.on_change = log_key_event
+    return Services(config, keys, pool, attempts, metrics, models)
+
+
+def log_key_event(event: KeyEvent) -> None:
+    """A key's every change of state is one line: journalctl shows why traffic moved."""
+    level, message, fields = key_event_line(event)
+    logging.getLogger("orproxy.keys").log(level, message, extra={"fields": fields})
 
 
 class App:
@@ -83,7 +94,8 @@ class App:
         sock = _listening_socket(server.host, server.port)
         self._port = int(sock.getsockname()[1])
         self._listener = Listener(sock, self._on_accept, cap=budget.max_connections)
-        self.services.metrics.watch(self.services.keys, self.services.upstream, self._listener)
+        self.services.metrics.watch(self.services.keys, self.services.upstream, self._listener,
+                                    self.services.models)
         self._listener.start()
         o = self.config.openrouter
         log.info("listening on %s:%d; upstream %s://%s:%d%s; %d key(s) [%s]; strategy %s%s; "

@@ -10,8 +10,8 @@ settings carry their unit in the name.
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +22,7 @@ import yaml
 from orproxy.keys import KEY_PREFIX, STRATEGIES, mask_key
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 PROXY_SCHEMES = ("socks5", "socks5h", "http")
 
 
@@ -75,6 +76,7 @@ class ServerConfig:
     access_key: str = ""
     log_level: str = "INFO"
     http_log_level: str = "INFO"
+    log_format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,15 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    public: bool = False  # /metrics, /metrics/json, /metrics/raw without the access key
+    enable_token_counting: bool = True
+    enable_system_metrics: bool = False
+    models: tuple[str, ...] = ()  # models counted under their own name (else the first N)
+    models_top_n: int = 20
+
+
+@dataclass(frozen=True)
 class RetryConfig:
     max_attempts: int = 5
     deadline_seconds: float = 60.0
@@ -129,6 +140,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # --- field checkers: each returns (value, problem) -------------------------------------------
@@ -270,6 +282,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Checker]]] = {
         "access_key": ("access_key", _str),
         "log_level": ("log_level", _choice(LOG_LEVELS, upper=True)),
         "http_log_level": ("http_log_level", _choice(LOG_LEVELS, upper=True)),
+        "log_format": ("log_format", _choice(LOG_FORMATS)),
     },
     "openrouter": {
         "keys": ("keys", lambda v: (v, None)),  # checked on its own: positions, masking
@@ -301,6 +314,13 @@ SCHEMA: dict[str, dict[str, tuple[str, Checker]]] = {
     "retry": {
         "max_attempts": ("max_attempts", _int(1, 100)),
         "deadline_seconds": ("deadline_seconds", _seconds(0.001, 86400.0)),
+    },
+    "metrics": {
+        "public": ("public", _bool),
+        "enable_token_counting": ("enable_token_counting", _bool),
+        "enable_system_metrics": ("enable_system_metrics", _bool),
+        "models": ("models", _str_list()),
+        "models_top_n": ("models_top_n", _int(0, 1000)),
     },
 }
 
@@ -426,6 +446,7 @@ def build_config(raw: Any, env: Mapping[str, str]) -> Config:
         limits=LimitsConfig(**sections["limits"]),
         timeouts=TimeoutsConfig(**sections["timeouts"]),
         retry=RetryConfig(**sections["retry"]),
+        metrics=MetricsConfig(**sections["metrics"]),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -344,8 +345,8 @@ async def test_every_kind_of_response_has_one_id_date_and_server(
         "public": await get(proxy.port, b"/api/v1/models"),
         "health": await get(proxy.port, b"/health"),
         "health head": await get(proxy.port, b"/health", method=b"HEAD"),
-        "metrics": await get(proxy.port, b"/metrics"),
-        "metrics raw": await get(proxy.port, b"/metrics/raw"),
+        "metrics": await get(proxy.port, b"/metrics", [AUTH]),
+        "metrics raw": await get(proxy.port, b"/metrics/raw", [AUTH]),
         "401": await chat(proxy.port, []),
         "404": await get(proxy.port, b"/nope"),
         "405": await get(proxy.port, b"/health", method=b"DELETE"),
@@ -459,7 +460,7 @@ async def test_metrics_raw_is_prometheus_text_without_secrets(
 ) -> None:
     await make_key_states(proxy, fake)
     await get(proxy.port, b"/nope")
-    resp = await get(proxy.port, b"/metrics/raw")
+    resp = await get(proxy.port, b"/metrics/raw", [AUTH])
     assert resp.status == 200
     ctype = resp.header(b"content-type")
     assert ctype is not None and ctype.startswith(b"text/plain")
@@ -468,14 +469,16 @@ async def test_metrics_raw_is_prometheus_text_without_secrets(
     assert "orproxy_requests" in families
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in families.values() for s in f.samples}
-    assert samples[("orproxy_requests_total", (("route", "forward"), ("status", "2xx")))] == 1
-    assert samples[("orproxy_requests_total", (("route", "not_found"), ("status", "4xx")))] == 1
+    assert samples[("orproxy_requests_total",
+                    (("method", "POST"), ("route", "forward"), ("status", "2xx")))] == 1
+    assert samples[("orproxy_requests_total",
+                    (("method", "GET"), ("route", "not_found"), ("status", "4xx")))] == 1
     keys = {s.labels["state"]: s.value for s in families["orproxy_keys"].samples}
     assert keys == {"available": 1.0, "free_limited": 0.0, "cooling": 1.0, "disabled": 1.0}
     per_key = {s.labels["key_id"]: s.value for s in families["orproxy_key_available"].samples}
     assert per_key == {key_id(KEYS[0]): 0.0, key_id(KEYS[1]): 0.0, key_id(KEYS[2]): 1.0}
-    uses = {s.labels["key_id"]: s.value for s in families["orproxy_key_uses"].samples
-            if s.name == "orproxy_key_uses_total"}
+    uses = {s.labels["key_id"]: s.value for s in families["orproxy_key_requests"].samples
+            if s.name == "orproxy_key_requests_total"}
     assert uses == {key_id(k): 1.0 for k in KEYS}
     attempts = {s.labels["outcome"]: s.value for s in families["orproxy_upstream_attempts"]
                 .samples if s.name == "orproxy_upstream_attempts_total"}
@@ -485,25 +488,57 @@ async def test_metrics_raw_is_prometheus_text_without_secrets(
         assert fragment not in text, fragment
 
 
-async def test_metrics_dashboard_is_html_with_masked_keys_only(
+async def test_metrics_dashboard_is_html_and_its_data_has_masked_keys_only(
     proxy: App, fake: FakeOpenRouter
 ) -> None:
     await make_key_states(proxy, fake)
-    resp = await get(proxy.port, b"/metrics")
+    resp = await get(proxy.port, b"/metrics", [AUTH])
     assert resp.status == 200
     assert resp.header(b"content-type") == b"text/html; charset=utf-8"
-    page = resp.body.decode()
-    assert page.startswith("<!doctype html>")
-    for key in KEYS:
-        assert key_id(key) in page
-        assert mask_key(key) in page
-    assert "disabled" in page and "cooling" in page and "available" in page
+    assert resp.body.decode().lower().startswith("<!doctype html>")
+    data = await get(proxy.port, b"/metrics/json", [AUTH])
+    assert data.status == 200 and data.header(b"content-type") == b"application/json"
+    doc = json.loads(data.body)
+    assert [(k["id"], k["masked"], k["state"]) for k in doc["keys"]] == [
+        (key_id(KEYS[0]), mask_key(KEYS[0]), "disabled"),
+        (key_id(KEYS[1]), mask_key(KEYS[1]), "cooling"),
+        (key_id(KEYS[2]), mask_key(KEYS[2]), "available")]
     for fragment in secret_fragments():
-        assert fragment not in page, fragment
+        assert fragment not in data.body.decode(), fragment
+
+
+@pytest.mark.parametrize("path", [b"/metrics", b"/metrics/json", b"/metrics/raw"])
+async def test_metrics_pages_need_the_access_key_bearer_or_basic(proxy: App,
+                                                                 path: bytes) -> None:
+    refused = await get(proxy.port, path)
+    assert refused.status == 401
+    assert b'Basic realm="orproxy", charset="UTF-8"' in refused.headers_named(
+        b"www-authenticate")
+    assert refused.header(b"cache-control") == b"no-store"
+    basic = b"Basic " + base64.b64encode(b"anyone:" + ACCESS_KEY.encode())
+    assert (await get(proxy.port, path, [(b"Authorization", basic)])).status == 200
+    wrong = b"Basic " + base64.b64encode(b"anyone:wrong")
+    assert (await get(proxy.port, path, [(b"Authorization", wrong)])).status == 401
+    assert (await get(proxy.port, path, [AUTH])).status == 200
+
+
+async def test_metrics_can_be_public_for_a_scraper(make_proxy: ProxyFactory) -> None:
+    app = await make_proxy(metrics={"public": True})
+    assert (await get(app.port, b"/metrics/raw")).status == 200
+    assert (await get(app.port, b"/metrics/json")).status == 200
+
+
+async def test_metrics_raw_speaks_openmetrics_when_asked(proxy: App) -> None:
+    resp = await get(proxy.port, b"/metrics/raw",
+                     [AUTH, (b"Accept", b"application/openmetrics-text; version=1.0.0")])
+    assert resp.status == 200
+    ctype = resp.header(b"content-type")
+    assert ctype is not None and ctype.startswith(b"application/openmetrics-text")
+    assert resp.body.endswith(b"# EOF\n")
 
 
 async def test_metrics_head_and_405(proxy: App) -> None:
-    head = await get(proxy.port, b"/metrics/raw", method=b"HEAD")
+    head = await get(proxy.port, b"/metrics/raw", [AUTH], method=b"HEAD")
     assert head.status == 200 and head.body == b""
     resp = await roundtrip(proxy.port, request(b"POST", b"/metrics", [], b"x"), b"POST")
     assert resp.status == 405

@@ -225,10 +225,10 @@ def test_several_problems_are_reported_together() -> None:
                        "key_selection_strategy": "lru", "enable_cache": "yes"},
         "limits": {"max_head_bytes": 10},
         "retry": {"max_attempts": 0},
-        "metrics": {"enabled": True},
+        "telemetry": {"enabled": True},
     }
     assert problems_of(raw) == [
-        "metrics: unknown section",
+        "telemetry: unknown section",
         "server.port: must be an integer, got '5555'",
         "server.log_level: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got a string "
         "of 4 characters",

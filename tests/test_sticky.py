@@ -23,71 +23,71 @@ def chat(*messages: dict[str, Any], model: str = "openai/gpt-4o-mini", **extra: 
 
 
 def cid(body: bytes, headers: list[tuple[bytes, bytes]] | None = None, *,
-        walk: bool = False) -> str | None:
-    """The id, either parsed whole or walked (as bodies over FULL_PARSE_BYTES are)."""
-    return conversation_id(headers or [], body, full_parse_bytes=0 if walk else FULL_PARSE_BYTES)
+        scan: bool = False) -> str | None:
+    """The id, either parsed whole or scanned (as bodies over FULL_PARSE_BYTES are)."""
+    return conversation_id(headers or [], body, full_parse_bytes=0 if scan else FULL_PARSE_BYTES)
 
 
-both = pytest.mark.parametrize("walk", [False, True], ids=["parsed", "walked"])
+both = pytest.mark.parametrize("scan", [False, True], ids=["parsed", "scanned"])
 
 
 # --- explicit names -------------------------------------------------------------------------
 
 
 @both
-def test_session_id_then_header_then_prompt_cache_key(walk: bool) -> None:
+def test_session_id_then_header_then_prompt_cache_key(scan: bool) -> None:
     full = chat(SYSTEM, USER, session_id="sess-1", prompt_cache_key="pck-1")
     header = [(b"X-Session-Id", b"sess-2")]
-    assert cid(full, header, walk=walk) == cid(chat(USER, session_id="sess-1"), walk=walk)
-    assert cid(chat(USER, prompt_cache_key="pck-1"), header, walk=walk) == cid(
-        chat(SYSTEM, session_id="sess-2"), walk=walk)  # the header, by the same name
-    assert cid(chat(USER, prompt_cache_key="pck-1"), walk=walk) == cid(
-        chat(SYSTEM, prompt_cache_key="pck-1"), walk=walk)
-    ids = {cid(full, walk=walk), cid(chat(USER, prompt_cache_key="pck-1"), walk=walk),
-           cid(chat(USER, prompt_cache_key="sess-1"), walk=walk), cid(chat(USER), walk=walk)}
+    assert cid(full, header, scan=scan) == cid(chat(USER, session_id="sess-1"), scan=scan)
+    assert cid(chat(USER, prompt_cache_key="pck-1"), header, scan=scan) == cid(
+        chat(SYSTEM, session_id="sess-2"), scan=scan)  # the header, by the same name
+    assert cid(chat(USER, prompt_cache_key="pck-1"), scan=scan) == cid(
+        chat(SYSTEM, prompt_cache_key="pck-1"), scan=scan)
+    ids = {cid(full, scan=scan), cid(chat(USER, prompt_cache_key="pck-1"), scan=scan),
+           cid(chat(USER, prompt_cache_key="sess-1"), scan=scan), cid(chat(USER), scan=scan)}
     assert len(ids) == 4  # session, cache and content names never collide
 
 
 @both
-def test_ids_are_short_and_bounded_whatever_the_client_sends(walk: bool) -> None:
+def test_ids_are_short_and_bounded_whatever_the_client_sends(scan: bool) -> None:
     for body in (chat(USER, session_id="s" * 100_000), chat(USER, prompt_cache_key="k" * 5000),
                  chat(SYSTEM, {"role": "user", "content": "x" * 200_000})):
-        name = cid(body, walk=walk)
+        name = cid(body, scan=scan)
         assert name is not None and len(name) <= 40, name
-    name = cid(chat(USER), [(b"x-session-id", b"\xff" * 10_000)], walk=walk)
+    name = cid(chat(USER), [(b"x-session-id", b"\xff" * 10_000)], scan=scan)
     assert name is not None and name.startswith("session:") and len(name) <= 40
 
 
 @both
-def test_empty_or_odd_names_fall_through(walk: bool) -> None:
-    plain = cid(chat(SYSTEM, USER), walk=walk)
+def test_empty_or_odd_names_fall_through(scan: bool) -> None:
+    plain = cid(chat(SYSTEM, USER), scan=scan)
     assert plain is not None and plain.startswith("content:")
     assert cid(chat(SYSTEM, USER, session_id="", prompt_cache_key=""), [(b"x-session-id", b"  ")],
-               walk=walk) == plain
-    assert cid(chat(SYSTEM, USER, session_id=12, prompt_cache_key=None), walk=walk) == plain
+               scan=scan) == plain
+    assert cid(chat(SYSTEM, USER, session_id=12, prompt_cache_key=None), scan=scan) == plain
 
 
 # --- content names: stable across the turns of one conversation -----------------------------
 
 
 @both
-def test_a_conversation_keeps_its_name_as_it_grows(walk: bool) -> None:
-    first = cid(chat(SYSTEM, USER), walk=walk)
-    assert first == cid(chat(SYSTEM, USER, ASSISTANT, FOLLOW_UP), walk=walk)
+def test_a_conversation_keeps_its_name_as_it_grows(scan: bool) -> None:
+    first = cid(chat(SYSTEM, USER), scan=scan)
+    assert first == cid(chat(SYSTEM, USER, ASSISTANT, FOLLOW_UP), scan=scan)
     # a developer note later in the conversation does not rename it
     later = {"role": "developer", "content": "Answer in French from now on."}
-    assert first == cid(chat(SYSTEM, USER, ASSISTANT, later, FOLLOW_UP), walk=walk)
+    assert first == cid(chat(SYSTEM, USER, ASSISTANT, later, FOLLOW_UP), scan=scan)
     # nor do cache_control marks, which clients move to the latest messages
     marked = {"role": "user", "content": [{"type": "text", "text": USER["content"],
                                            "cache_control": {"type": "ephemeral"}}]}
     unmarked = {"role": "user", "content": [{"type": "text", "text": USER["content"]}]}
-    assert cid(chat(SYSTEM, marked), walk=walk) == cid(
-        chat(SYSTEM, unmarked, ASSISTANT, FOLLOW_UP), walk=walk)
+    assert cid(chat(SYSTEM, marked), scan=scan) == cid(
+        chat(SYSTEM, unmarked, ASSISTANT, FOLLOW_UP), scan=scan)
 
 
 @both
-def test_model_system_and_first_user_message_each_name_the_conversation(walk: bool) -> None:
-    base = cid(chat(SYSTEM, USER), walk=walk)
+def test_model_system_and_first_user_message_each_name_the_conversation(scan: bool) -> None:
+    base = cid(chat(SYSTEM, USER), scan=scan)
     others = [
         chat(SYSTEM, USER, model="anthropic/claude-sonnet-4"),
         chat({"role": "system", "content": "You are terse."}, USER),
@@ -96,56 +96,56 @@ def test_model_system_and_first_user_message_each_name_the_conversation(walk: bo
         chat(SYSTEM),
         chat(SYSTEM, {"role": "user", "content": [{"type": "text", "text": USER["content"]}]}),
     ]
-    names = [cid(body, walk=walk) for body in others]
+    names = [cid(body, scan=scan) for body in others]
     assert base not in names and len(set(names)) == len(names)
-    assert cid(chat({"role": "developer", "content": "You are terse."}, USER), walk=walk) == cid(
-        chat({"role": "system", "content": "You are terse."}, USER), walk=walk)
+    assert cid(chat({"role": "developer", "content": "You are terse."}, USER), scan=scan) == cid(
+        chat({"role": "system", "content": "You are terse."}, USER), scan=scan)
     # the first system message counts
     terse = {"role": "system", "content": "You are terse."}
-    assert cid(chat(SYSTEM, terse, USER), walk=walk) == base
-    assert cid(chat(terse, SYSTEM, USER), walk=walk) != base
+    assert cid(chat(SYSTEM, terse, USER), scan=scan) == base
+    assert cid(chat(terse, SYSTEM, USER), scan=scan) != base
 
 
 @both
-def test_responses_api_requests(walk: bool) -> None:
+def test_responses_api_requests(scan: bool) -> None:
     def responses(**fields: Any) -> bytes:
         return json.dumps({"model": "openai/gpt-4o", "stream": True, **fields}).encode()
 
     text = responses(instructions="Be brief.", input="Hello")
     listed = responses(instructions="Be brief.",
                        input=[{"type": "message", "role": "user", "content": "Hello"}])
-    assert cid(text, walk=walk) is not None and cid(listed, walk=walk) is not None
-    assert cid(text, walk=walk) != cid(responses(instructions="Be long.", input="Hello"), walk=walk)
-    assert cid(text, walk=walk) != cid(responses(instructions="Be brief.", input="Bye"), walk=walk)
-    assert cid(responses(input="Hello"), walk=walk) not in (None, cid(text, walk=walk))
+    assert cid(text, scan=scan) is not None and cid(listed, scan=scan) is not None
+    assert cid(text, scan=scan) != cid(responses(instructions="Be long.", input="Hello"), scan=scan)
+    assert cid(text, scan=scan) != cid(responses(instructions="Be brief.", input="Bye"), scan=scan)
+    assert cid(responses(input="Hello"), scan=scan) not in (None, cid(text, scan=scan))
     # a later turn of the listed form keeps the name
     turn2 = responses(instructions="Be brief.", input=[
         {"type": "message", "role": "user", "content": "Hello"},
         {"type": "message", "role": "assistant", "content": [{"type": "output_text",
                                                                "text": "Hi!"}]},
         {"type": "message", "role": "user", "content": "Bye"}])
-    assert cid(turn2, walk=walk) == cid(listed, walk=walk)
+    assert cid(turn2, scan=scan) == cid(listed, scan=scan)
     # the system prompt may also ride in the input list, before the first user item
     dev = responses(input=[{"role": "developer", "content": "Be brief."},
                            {"role": "user", "content": "Hello"}])
-    assert cid(dev, walk=walk) == cid(responses(instructions="Be brief.", input=[
-        {"role": "user", "content": "Hello"}]), walk=walk)
+    assert cid(dev, scan=scan) == cid(responses(instructions="Be brief.", input=[
+        {"role": "user", "content": "Hello"}]), scan=scan)
 
 
 @both
-def test_anthropic_messages_requests(walk: bool) -> None:
+def test_anthropic_messages_requests(scan: bool) -> None:
     def messages(system: Any, *msgs: dict[str, Any]) -> bytes:
         return json.dumps({"model": "anthropic/claude-sonnet-4", "max_tokens": 1024,
                            "system": system, "messages": list(msgs)}).encode()
 
     blocks = [{"type": "text", "text": "You are a pirate.",
                "cache_control": {"type": "ephemeral"}}]
-    first = cid(messages(blocks, USER), walk=walk)
+    first = cid(messages(blocks, USER), scan=scan)
     assert first is not None
     assert first == cid(messages([{"type": "text", "text": "You are a pirate."}], USER, ASSISTANT,
-                                 FOLLOW_UP), walk=walk)
-    assert first != cid(messages("You are a pirate.", USER), walk=walk)  # string ≠ blocks
-    assert first != cid(messages(blocks, FOLLOW_UP), walk=walk)
+                                 FOLLOW_UP), scan=scan)
+    assert first != cid(messages("You are a pirate.", USER), scan=scan)  # string ≠ blocks
+    assert first != cid(messages(blocks, FOLLOW_UP), scan=scan)
 
 
 @both
@@ -155,9 +155,10 @@ def test_anthropic_messages_requests(walk: bool) -> None:
     b'{"model": "x", "messages": []}', b'{"model": "x", "messages": "hi"}',
     b'{"model": "x", "messages": [1, "a", null, {"role": "tool", "content": "r"}]}',
     b'{"model": "x", "prompt": "legacy completion"}',
+    b'[{"model": "x", "messages": [{"role": "user", "content": "a batch?"}]}]',
 ])
-def test_bodies_that_name_no_conversation(body: bytes, walk: bool) -> None:
-    assert cid(body, walk=walk) is None
+def test_bodies_that_name_no_conversation(body: bytes, scan: bool) -> None:
+    assert cid(body, scan=scan) is None
 
 
 @pytest.mark.parametrize("body", [
@@ -166,18 +167,18 @@ def test_bodies_that_name_no_conversation(body: bytes, walk: bool) -> None:
     b"[" * 50_000, b'{"messages": [' + b"[" * 50_000, b'{"messages": [{"role": "user", '
     b'"content": ' + b"[" * 50_000 + b"]" * 50_000 + b"}]}", b"\xff\xfe{}", b"{" + b" " * 10,
 ])
-def test_malformed_big_bodies_never_raise(body: bytes) -> None:
+def test_malformed_bodies_never_raise(body: bytes) -> None:
     for full_parse_bytes in (0, FULL_PARSE_BYTES):
         result = conversation_id([], body, full_parse_bytes=full_parse_bytes)
         assert result is None or result.startswith("content:")
 
 
-def test_utf8_bom_and_non_ascii_walk_like_a_full_parse() -> None:
+def test_utf8_bom_and_non_ascii_scan_like_a_full_parse() -> None:
     body = "\ufeff" + json.dumps({"model": "m", "messages": [
         {"role": "system", "content": "Sé breve 🙂"}, {"role": "user", "content": "¿Qué tal?"}]},
         ensure_ascii=False)
     raw = body.encode("utf-8")
-    assert cid(raw) is not None and cid(raw) == cid(raw, walk=True)
+    assert cid(raw) is not None and cid(raw) == cid(raw, scan=True)
 
 
 def test_a_5mb_body_beyond_the_bound_is_named_like_its_small_twin() -> None:
@@ -190,19 +191,19 @@ def test_a_5mb_body_beyond_the_bound_is_named_like_its_small_twin() -> None:
             "type": "object", "properties": {"messages": {"type": "array"},
                                              "model": {"type": "string"}}}}}])
     assert len(big) > 5_000_000
-    walked = conversation_id([], big)  # over FULL_PARSE_BYTES: walked
-    assert walked is not None
-    assert walked == conversation_id([], big, full_parse_bytes=len(big))
+    scanned = conversation_id([], big)  # over FULL_PARSE_BYTES: scanned
+    assert scanned is not None
+    assert scanned == conversation_id([], big, full_parse_bytes=len(big))
     # the model placed after the messages, as the OpenAI SDK writes it, still counts
     reordered = json.dumps({"messages": json.loads(big)["messages"],
                             "model": "other/model"}).encode()
-    assert conversation_id([], reordered) not in (None, walked)
+    assert conversation_id([], reordered) not in (None, scanned)
     assert conversation_id([], reordered) == conversation_id([], reordered,
                                                              full_parse_bytes=len(reordered))
 
 
-def test_a_walked_body_is_decoded_only_up_to_its_first_user_message() -> None:
-    """Beyond the bound, later messages are skipped, not decoded: even one nested too deep
+def test_a_scanned_body_is_decoded_only_up_to_its_first_user_message() -> None:
+    """Beyond the bound, later messages are scanned, not decoded: even one nested too deep
     for any JSON decoder costs a scan and names nothing wrong."""
     later = {"role": "user", "content": "PLACEHOLDER"}
     body = chat(SYSTEM, USER, ASSISTANT, later).replace(b'"PLACEHOLDER"',
@@ -212,12 +213,58 @@ def test_a_walked_body_is_decoded_only_up_to_its_first_user_message() -> None:
     assert conversation_id([], body, full_parse_bytes=len(body)) is None  # json.loads gives up
 
 
-# walked and parsed agree on any request-shaped body, whatever the formatting and junk
+def test_scanning_skips_same_named_keys_whose_values_are_not_the_fields_type() -> None:
+    """Tool schemas name properties `model`, `system`, `messages`, `input`: objects, never
+    the strings and lists the request fields are. Placed before the real fields, the scan
+    still finds the real ones."""
+    schema = {"type": "object", "properties": {
+        "model": {"type": "string"}, "system": {"type": "string"}, "input": {"type": "object"},
+        "messages": {"type": "array"}, "session_id": {"type": "string"}}}
+    body = json.dumps({"tools": [{"type": "function", "function": {"name": "f",
+                                                                   "parameters": schema}}],
+                       "messages": [SYSTEM, USER], "model": "m", "pad": "x" * 100}).encode()
+    assert cid(body, scan=True) == cid(body) is not None
+
+
+def test_keys_inside_a_value_found_are_not_the_requests() -> None:
+    part = {"type": "input_json", "json": {"model": "nested", "system": "nested",
+                                           "session_id": "nested"}}
+    body = json.dumps({"messages": [SYSTEM, {"role": "user", "content": [part]}],
+                       "model": "top"}).encode()
+    assert cid(body, scan=True) == cid(body) is not None
+    assert cid(body) != cid(body.replace(b'"top"', b'"nested"'))
+
+
+def test_a_hostile_body_cannot_make_the_scan_long() -> None:
+    """Candidates without a usable value are bounded: past MAX_REJECTED the scan stops."""
+    junk = b'"model": 1, ' * 200_000
+    body = b'{' + junk + b'"messages": [{"role": "user", "content": "hi"}]}'
+    assert conversation_id([], body) is None  # given up before reaching the messages
+    few = b'{' + b'"model": 1, ' * 10 + b'"messages": [{"role": "user", "content": "hi"}]}'
+    assert cid(few, scan=True) is not None
+
+
+@both
+def test_long_strings_are_named_by_their_head_and_length(scan: bool) -> None:
+    head = "A" * (64 * 1024)
+
+    def with_image(data: str) -> bytes:
+        return chat(SYSTEM, {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data}}]})
+
+    same = cid(with_image(head + "B" * 1000), scan=scan)
+    assert same == cid(with_image(head + "C" * 1000), scan=scan)
+    assert same != cid(with_image(head + "B" * 1001), scan=scan)
+    assert same != cid(with_image("Z" + head[1:] + "B" * 1000), scan=scan)
+
+
+# scanned and parsed agree on any request-shaped body, whatever the formatting and the junk
+# around it (junk that avoids the field names: the scan does not track nesting)
 JUNK = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
     | st.text(alphabet='ab{}[]",:\\ \n\u00e9\U0001f600', max_size=12),
     lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.sampled_from(["messages", "model", "role", "content", "x", "system"]),
+    | st.dictionaries(st.sampled_from(["role", "content", "x", "type", "models", "user"]),
                       inner, max_size=3),
     max_leaves=10,
 )
@@ -240,14 +287,14 @@ REQUEST = st.fixed_dictionaries({}, optional={
 @settings(max_examples=400, database=None, deadline=None)
 @given(request=REQUEST, indent=st.sampled_from([None, 0, 2]), ascii_only=st.booleans(),
        seed=st.randoms(use_true_random=False))
-def test_walking_agrees_with_a_full_parse(
+def test_scanning_agrees_with_a_full_parse(
     request: dict[str, Any], indent: int | None, ascii_only: bool, seed: Any
 ) -> None:
     keys = list(request)
     seed.shuffle(keys)
     body = json.dumps({k: request[k] for k in keys}, indent=indent,
                       ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
-    assert cid(body, walk=True) == cid(body)
+    assert cid(body, scan=True) == cid(body)
 
 
 # --- the map ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class RouteKind(enum.Enum):
     HEALTH = "health"
     METRICS = "metrics"
     METRICS_RAW = "metrics_raw"
+    METRICS_JSON = "metrics_json"
     NOT_FOUND = "not_found"
     BAD_TARGET = "bad_target"
 
@@ -30,6 +31,7 @@ LOCAL_ROUTES = {
     b"/health": RouteKind.HEALTH,
     b"/metrics": RouteKind.METRICS,
     b"/metrics/raw": RouteKind.METRICS_RAW,
+    b"/metrics/json": RouteKind.METRICS_JSON,
 }
 
 

@@ -1,54 +1,104 @@
-"""The HTML dashboard at /metrics: snapshot in, bytes out.
+"""The dashboard: its page (``dashboard.html``, served as it is) and the JSON document the
+page polls (``/metrics/json``), built from snapshots.
 
-Pure rendering of the snapshots of the key pool and the proxy's totals at this moment;
-it never reads the metrics registry. Every value is escaped.
+The page inserts every value as text, so nothing here escapes HTML; the document carries
+key ids and masked keys only. Process and machine figures come from psutil, loaded on the
+first view rather than at start.
 """
 
 from __future__ import annotations
 
-import html
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
 
 from orproxy.keys import KeyView
-
-if TYPE_CHECKING:
-    from orproxy.observe.metrics import Totals
-
-_STYLE = ("body{font:14px system-ui,sans-serif;margin:2em;color:#222}"
-          "table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;"
-          "text-align:left}.available{color:#080}.cooling{color:#b60}.disabled{color:#b00}")
+from orproxy.observe.accounting import Tally
+from orproxy.observe.timeseries import Series
+from orproxy.upstream.pool import PoolSnapshot
 
 
-def render(keys: Sequence[KeyView], totals: Totals) -> bytes:
-    rows = "".join(
-        f"<tr><td><code>{html.escape(k.id)}</code></td><td>{html.escape(k.masked)}</td>"
-        f"<td>{html.escape(k.account or '')}</td>"
-        f"<td class='{k.state.value}'>{k.state.value}</td>"
-        f"<td>{k.cooling_seconds:.0f}</td><td>{html.escape(k.reason)}</td><td>{k.uses}</td></tr>"
-        for k in keys
-    )
-    import psutil  # only the dashboard needs it: not loaded until the first page view
+def page() -> bytes:
+    return resources.files("orproxy.observe").joinpath("dashboard.html").read_bytes()
 
-    proc = psutil.Process()
-    with proc.oneshot():
-        rss = proc.memory_info().rss / 1e6
-        cpu = sum(proc.cpu_times()[:2])
-    summary = [
-        ("Open client connections", f"{totals.open_connections}"),
-        ("Body bytes relayed", f"{totals.body_bytes}"),
-        ("Process RSS", f"{rss:.1f} MB"),
-        ("Process CPU", f"{cpu:.1f} s"),
-    ]
-    facts = "".join(f"<tr><th>{html.escape(a)}</th><td>{html.escape(b)}</td></tr>"
-                    for a, b in summary)
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>orproxy</title>"
-        f"<meta http-equiv='refresh' content='10'><style>{_STYLE}</style></head><body>"
-        "<h1>orproxy</h1><h2>Keys</h2><table><tr><th>id</th><th>key</th><th>account</th>"
-        "<th>state</th><th>cooldown s</th><th>reason</th><th>uses</th></tr>"
-        f"{rows}</table><h2>Process</h2><table>{facts}</table>"
-        "<p><a href='/metrics/raw'>Prometheus metrics</a> · <a href='/health'>health</a></p>"
-        "</body></html>"
-    )
-    return page.encode()
+
+class ProcessProbe:
+    """CPU (percent of one core since the previous look) and memory of this process, and
+    of the machine when asked."""
+
+    def __init__(self, system: bool) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._process = psutil.Process()
+        self._system = system
+        self._process.cpu_percent(None)
+        if system:
+            psutil.cpu_percent(None)
+
+    def process(self) -> dict[str, float]:
+        with self._process.oneshot():
+            return {"cpu_percent": round(self._process.cpu_percent(None), 1),
+                    "rss_bytes": float(self._process.memory_info().rss)}
+
+    def machine(self) -> dict[str, float] | None:
+        if not self._system:
+            return None
+        return {"cpu_percent": round(self._psutil.cpu_percent(None), 1),
+                "memory_percent": round(self._psutil.virtual_memory().percent, 1)}
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the document says about the proxy itself."""
+
+    version: str
+    started: float  # wall clock
+    upstream: str
+    strategy: str
+
+
+def document(facts: Facts, keys: Sequence[KeyView], models: dict[str, Tally], total: Tally,
+             pool: PoolSnapshot, open_connections: int, probe: ProcessProbe,
+             series: Series) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "version": facts.version,
+        "now": now,
+        "started": facts.started,
+        "uptime_seconds": round(now - facts.started, 1),
+        "upstream": facts.upstream,
+        "strategy": facts.strategy,
+        "process": probe.process(),
+        "system": probe.machine(),
+        "connections": {"client_open": open_connections, "upstream_idle": pool.idle,
+                        "upstream_active": pool.active},
+        "totals": {"requests": total.requests, **_tokens(total), "cost": total.cost},
+        "keys": [_key(view) for view in keys],
+        "models": [{"model": label, "requests": tally.requests,
+                    "prompt_tokens": tally.prompt_tokens,
+                    "completion_tokens": tally.completion_tokens, "cost": tally.cost}
+                   for label, tally in models.items()],
+        "series": series,
+    }
+
+
+def _tokens(tally: Tally) -> dict[str, int]:
+    return {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens,
+            "cached_tokens": tally.cached_tokens, "reasoning_tokens": tally.reasoning_tokens}
+
+
+def _key(view: KeyView) -> dict[str, Any]:
+    stats = view.stats
+    return {
+        "id": view.id, "masked": view.masked, "account": view.account,
+        "state": view.state.value, "rest_until": view.rest_until or None,
+        "reason": view.reason, "message": view.message,
+        "requests": stats.requests, "successes": stats.successes,
+        "rate_limited": stats.rate_limited, "errors": stats.errors,
+        "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+        "cost": stats.cost, "last_error": stats.last_error or None,
+        "last_error_at": stats.last_error_at or None,
+    }

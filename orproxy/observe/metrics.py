@@ -1,14 +1,17 @@
 """Prometheus metrics on a private registry.
 
-Counters and histograms are updated at phase boundaries by the connection loop; key, pool
-and listener state are read from their ``snapshot()`` at scrape time by collectors, so none
-of them imports prometheus_client. Totals the dashboard shows are kept as plain numbers
-beside the counters (``totals()``), never read back from the registry. Label values are
-bounded: route names, status classes, attempt outcomes, key ids (never keys).
+Counters and histograms are updated at phase boundaries by the connection loop (label
+children cached: ``.labels()`` costs a lock and a dict per call). Key, model, pool and
+listener state are read from their snapshots at scrape time by one collector, so none of
+them imports prometheus_client. Totals the dashboard shows are kept as plain numbers beside
+the counters, never read back from the registry. Names follow Prometheus conventions
+(``orproxy_`` prefix, ``_total``, base units); label values are bounded: route names,
+methods, status classes, attempt outcomes, key ids (never keys), bounded model labels.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,50 +25,71 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
+from orproxy import __version__
 from orproxy.keys import KeyPool, KeyState
 from orproxy.listener import Listener
+from orproxy.observe.accounting import ModelTally
+from orproxy.observe.timeseries import TimeSeries
 from orproxy.upstream.pool import UpstreamPool
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                   60, 120, 300, 600)
+# LLM latencies: a cached answer in milliseconds, a reasoning model in minutes
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20,
+                   30, 60, 120, 300, 600)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+TOKEN_KINDS = ("prompt", "completion", "cached", "cache_write", "reasoning")
 
 
 @dataclass(frozen=True)
 class Totals:
     open_connections: int
-    body_bytes: int
+    body_bytes_in: int
+    body_bytes_out: int
+    requests: int
 
 
 class Metrics:
-    content_type = CONTENT_TYPE_LATEST
-
-    def __init__(self) -> None:
+    def __init__(self, *, system: bool = False) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self._requests = Counter("orproxy_requests", "Requests answered, by route and status "
-                                 "class", ["route", "status"], registry=r)
-        self._duration = Histogram("orproxy_request_duration_seconds", "Time from request head "
-                                   "to the end of the response", ["route"], registry=r,
+        self._requests = Counter("orproxy_requests", "Requests answered, by route, method and "
+                                 "status class", ["route", "method", "status"], registry=r)
+        self._duration = Histogram("orproxy_request_duration_seconds", "Time from request "
+                                   "head to the end of the response", ["route"], registry=r,
                                    buckets=LATENCY_BUCKETS)
+        self._ttfb = Histogram("orproxy_upstream_first_byte_seconds", "Time from sending a "
+                               "request upstream to its response head", registry=r,
+                               buckets=LATENCY_BUCKETS)
         self._attempts = Counter("orproxy_upstream_attempts", "Upstream attempts by outcome",
                                  ["outcome"], registry=r)
-        self._bytes = Counter("orproxy_response_body_bytes", "Upstream body bytes relayed to "
-                              "clients", registry=r)
+        self._bytes_in = Counter("orproxy_request_body_bytes", "Request body bytes received "
+                                 "from clients", registry=r)
+        self._bytes_out = Counter("orproxy_response_body_bytes", "Upstream body bytes relayed "
+                                  "to clients", registry=r)
         self._open = Gauge("orproxy_client_connections", "Open client connections", registry=r)
         self._accepted = Counter("orproxy_client_connections_accepted", "Client connections "
                                  "accepted", registry=r)
+        info = Gauge("orproxy_build_info", "Always 1; the version as a label", ["version"],
+                     registry=r)
+        info.labels(__version__).set(1)
         ProcessCollector(registry=r)
-        # label children looked up once: .labels() costs a lock and a dict build per call
-        self._children: dict[tuple[str, int], tuple[Callable[[], None],
-                                                    Callable[[float], None]]] = {}
+        self.series = TimeSeries()
+        self._system = system
+        self._children: dict[tuple[str, bytes, int],
+                             tuple[Callable[[], None], Callable[[float], None]]] = {}
         self._attempt_children: dict[str, Callable[[], None]] = {}
         self._open_count = 0
-        self._body_bytes = 0
+        self._bytes_in_count = 0
+        self._bytes_out_count = 0
+        self._request_count = 0
 
-    def watch(self, keys: KeyPool, pool: UpstreamPool, listener: Listener) -> None:
-        self.registry.register(_StateCollector(keys, pool, listener))
+    def watch(self, keys: KeyPool, pool: UpstreamPool, listener: Listener,
+              models: ModelTally) -> None:
+        self.registry.register(_StateCollector(keys, pool, listener, models, self._system))
+
+    # --- the hot path --------------------------------------------------------------------------
 
     def connection_opened(self) -> None:
         self._open.inc()
@@ -76,17 +100,19 @@ class Metrics:
         self._open.dec()
         self._open_count -= 1
 
-    def totals(self) -> Totals:
-        return Totals(self._open_count, self._body_bytes)
-
-    def request_done(self, route: str, status: int, seconds: float) -> None:
-        pair = self._children.get((route, status))
+    def request_done(self, route: str, method: bytes, status: int, seconds: float) -> None:
+        pair = self._children.get((route, method, status))
         if pair is None:
+            name = method.decode("latin-1")
             cls = f"{status // 100}xx" if status else "none"
-            pair = (self._requests.labels(route, cls).inc, self._duration.labels(route).observe)
-            self._children[(route, status)] = pair
+            pair = (self._requests.labels(route, name if name in METHODS else "other",
+                                          cls).inc,
+                    self._duration.labels(route).observe)
+            self._children[(route, method, status)] = pair
         pair[0]()
         pair[1](seconds)
+        self._request_count += 1
+        self.series.record(time.time(), status, seconds)
 
     def attempt(self, outcome: str) -> None:
         inc = self._attempt_children.get(outcome)
@@ -94,64 +120,161 @@ class Metrics:
             inc = self._attempt_children[outcome] = self._attempts.labels(outcome).inc
         inc()
 
+    def first_byte(self, seconds: float) -> None:
+        self._ttfb.observe(seconds)
+
+    def bytes_received(self, n: int) -> None:
+        if n:
+            self._bytes_in.inc(n)
+            self._bytes_in_count += n
+
     def bytes_sent(self, n: int) -> None:
         if n:
-            self._bytes.inc(n)
-            self._body_bytes += n
+            self._bytes_out.inc(n)
+            self._bytes_out_count += n
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    # --- reading -------------------------------------------------------------------------------
+
+    def totals(self) -> Totals:
+        return Totals(self._open_count, self._bytes_in_count, self._bytes_out_count,
+                      self._request_count)
+
+    def render(self, accept: bytes = b"") -> tuple[bytes, bytes]:
+        """(content type, exposition): OpenMetrics when the scraper asks for it."""
+        if b"application/openmetrics-text" in accept:
+            body: bytes = openmetrics.generate_latest(self.registry)  # type: ignore[no-untyped-call]
+            return openmetrics.CONTENT_TYPE_LATEST.encode(), body
+        return CONTENT_TYPE_LATEST.encode(), generate_latest(self.registry)
 
 
 class _StateCollector(Collector):
-    def __init__(self, keys: KeyPool, pool: UpstreamPool, listener: Listener) -> None:
+    """Key, model, pool, listener and system state, read from snapshots at scrape time."""
+
+    def __init__(self, keys: KeyPool, pool: UpstreamPool, listener: Listener,
+                 models: ModelTally, system: bool) -> None:
         self._keys = keys
         self._pool = pool
         self._listener = listener
+        self._models = models
+        self._system = system
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._key_metrics()
+        yield from self._model_metrics()
+        yield from self._connection_metrics()
+        if self._system:
+            yield from _system_metrics()
+
+    def _key_metrics(self) -> Iterator[Metric]:
+        views = self._keys.snapshot()
         states = GaugeMetricFamily("orproxy_keys", "Upstream keys by state", labels=["state"])
-        for state, count in self._keys.counts().items():
-            states.add_metric([state], count)
+        for name, count in self._keys.counts().items():
+            states.add_metric([name], count)
         yield states
-        per_key = GaugeMetricFamily("orproxy_key_available", "1 if the key is in rotation now",
-                                    labels=["key_id"])
+        state = GaugeMetricFamily("orproxy_key_state", "1 for the state each key is in",
+                                  labels=["key_id", "state"])
+        available = GaugeMetricFamily("orproxy_key_available", "1 if the key is in rotation "
+                                      "now", labels=["key_id"])
         cooling = GaugeMetricFamily("orproxy_key_cooldown_seconds", "Seconds until the key "
                                     "returns", labels=["key_id"])
-        uses = CounterMetricFamily("orproxy_key_uses", "Attempts made with the key",
-                                   labels=["key_id"])
-        for view in self._keys.snapshot():
-            per_key.add_metric([view.id], 1.0 if view.state is KeyState.AVAILABLE else 0.0)
-            cooling.add_metric([view.id], view.cooling_seconds)
-            uses.add_metric([view.id], view.uses)
-        yield per_key
-        yield cooling
-        yield uses
+        rest_end = GaugeMetricFamily("orproxy_key_rest_until_timestamp_seconds", "When the "
+                                     "key's rest ends (Unix time; 0 when not resting)",
+                                     labels=["key_id"])
+        requests = CounterMetricFamily("orproxy_key_requests", "Upstream attempts made with "
+                                       "the key", labels=["key_id"])
+        successes = CounterMetricFamily("orproxy_key_successes", "Answers delivered whole "
+                                        "(2xx, no in-band error)", labels=["key_id"])
+        limited = CounterMetricFamily("orproxy_key_rate_limited", "429s the key got (HTTP or "
+                                      "in-band)", labels=["key_id"])
+        errors = CounterMetricFamily("orproxy_key_errors", "Failed attempts and in-band errors "
+                                     "by kind (status, timeout, connect_error, in_band_…)",
+                                     labels=["key_id", "kind"])
+        tokens = CounterMetricFamily("orproxy_key_tokens", "Tokens OpenRouter reported for the "
+                                     "key's answers", labels=["key_id", "kind"])
+        cost = CounterMetricFamily("orproxy_key_cost_usd", "Cost OpenRouter reported for the "
+                                   "key's answers, in US dollars", labels=["key_id"])
+        for view in views:
+            kid, stats = view.id, view.stats
+            for each in KeyState:
+                state.add_metric([kid, each.value], 1.0 if view.state is each else 0.0)
+            available.add_metric([kid], 1.0 if view.state is KeyState.AVAILABLE else 0.0)
+            cooling.add_metric([kid], view.cooling_seconds)
+            rest_end.add_metric([kid], view.rest_until)
+            requests.add_metric([kid], stats.requests)
+            successes.add_metric([kid], stats.successes)
+            limited.add_metric([kid], stats.rate_limited)
+            for kind, count in sorted(stats.errors_by_kind.items()):
+                errors.add_metric([kid, kind], count)
+            for kind, count in zip(TOKEN_KINDS, _tokens(stats), strict=True):
+                tokens.add_metric([kid, kind], count)
+            cost.add_metric([kid], stats.cost)
+        yield from (state, available, cooling, rest_end, requests, successes, limited, errors,
+                    tokens, cost)
+
+    def _model_metrics(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("orproxy_model_requests", "Answered requests by model "
+                                       "(bounded: the allow-list or the first N, else other)",
+                                       labels=["model"])
+        tokens = CounterMetricFamily("orproxy_model_tokens", "Tokens by model",
+                                     labels=["model", "kind"])
+        cost = CounterMetricFamily("orproxy_model_cost_usd", "Cost by model, in US dollars",
+                                   labels=["model"])
+        for label, tally in self._models.snapshot().items():
+            requests.add_metric([label], tally.requests)
+            for kind, count in zip(TOKEN_KINDS, _tokens(tally), strict=True):
+                tokens.add_metric([label, kind], count)
+            cost.add_metric([label], tally.cost)
+        total = self._models.total
+        all_tokens = CounterMetricFamily("orproxy_tokens", "Tokens of every answer",
+                                         labels=["kind"])
+        for kind, count in zip(TOKEN_KINDS, _tokens(total), strict=True):
+            all_tokens.add_metric([kind], count)
+        all_cost = CounterMetricFamily("orproxy_cost_usd", "Cost of every answer, in US dollars")
+        all_cost.add_metric([], total.cost)
+        yield from (requests, tokens, cost, all_tokens, all_cost)
+
+    def _connection_metrics(self) -> Iterator[Metric]:
         snap = self._pool.snapshot()
-        conns = GaugeMetricFamily("orproxy_upstream_connections", "Upstream connections",
-                                  labels=["state"])
+        conns = GaugeMetricFamily("orproxy_upstream_connections", "Upstream connections by "
+                                  "state", labels=["state"])
         conns.add_metric(["idle"], snap.idle)
         conns.add_metric(["active"], snap.active)
-        yield conns
         opened = CounterMetricFamily("orproxy_upstream_connections_opened", "Upstream "
                                      "connections dialled")
         opened.add_metric([], snap.opened)
-        yield opened
         dropped = CounterMetricFamily("orproxy_upstream_idle_dropped", "Idle upstream "
                                       "connections closed because the upstream closed them")
         dropped.add_metric([], snap.dropped_idle)
-        yield dropped
         listen = self._listener.snapshot()
         cap = GaugeMetricFamily("orproxy_client_connection_limit", "Client connections "
                                 "served at once (from max_connections and the open-file limit)")
         cap.add_metric([], listen.cap)
-        yield cap
         paused = GaugeMetricFamily("orproxy_accept_paused", "1 while new connections wait in "
                                    "the backlog")
         paused.add_metric([], 1.0 if listen.paused else 0.0)
-        yield paused
         stops = CounterMetricFamily("orproxy_accept_pauses", "Times accepting stopped",
                                     labels=["reason"])
         stops.add_metric(["connection_cap"], listen.paused_at_cap)
         stops.add_metric(["out_of_descriptors"], listen.exhausted)
-        yield stops
+        yield from (conns, opened, dropped, cap, paused, stops)
+
+
+def _tokens(stats: object) -> tuple[int, int, int, int, int]:
+    get = stats.__getattribute__
+    return (get("prompt_tokens"), get("completion_tokens"), get("cached_tokens"),
+            get("cache_write_tokens"), get("reasoning_tokens"))
+
+
+def _system_metrics() -> Iterator[Metric]:
+    import psutil  # loaded on the first scrape, not at start
+
+    cpu = GaugeMetricFamily("orproxy_system_cpu_utilization_ratio", "Whole-machine CPU "
+                            "use since the previous scrape (0-1)")
+    cpu.add_metric([], psutil.cpu_percent(interval=None) / 100.0)
+    memory = psutil.virtual_memory()
+    used = GaugeMetricFamily("orproxy_system_memory_used_bytes", "Memory in use on the "
+                             "machine")
+    used.add_metric([], float(memory.total - memory.available))
+    total = GaugeMetricFamily("orproxy_system_memory_total_bytes", "Memory of the machine")
+    total.add_metric([], float(memory.total))
+    yield from (cpu, used, total)

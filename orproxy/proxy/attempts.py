@@ -84,6 +84,7 @@ class AttemptLoop:
         settings: AttemptSettings,
         *,
         on_attempt: Callable[[str], None] = lambda outcome: None,
+        on_first_byte: Callable[[float], None] = lambda seconds: None,
         wall: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -91,6 +92,7 @@ class AttemptLoop:
         self.keys = keys
         self.settings = settings
         self._on_attempt = on_attempt
+        self._on_first_byte = on_first_byte
         self._wall = wall
         self._sleep = sleep
 
@@ -116,13 +118,14 @@ class AttemptLoop:
             try:
                 delivery = await self._attempt(req, key)
             except UpstreamError as exc:
-                self._trace(trace, req, key, _failure(exc), started)
+                self._trace(trace, req, key, _failure(exc), 0, started)
                 if exc.stage is Stage.CONNECT and self._budget_left(trace, deadline):
                     wait = 0.0
                     continue
                 raise
             verdict = self._verdict(delivery, key)
-            self._trace(trace, req, key, verdict.outcome.value, started)
+            self._trace(trace, req, key, verdict.outcome.value,
+                        delivery.response.status_code, started)
             if not verdict.retry or not self._budget_left(trace, deadline):
                 return delivery
             assert key is not None
@@ -145,11 +148,13 @@ class AttemptLoop:
         return self.settings.overload_delay
 
     def _trace(self, trace: list[Attempt], req: UpstreamRequest, key: Key | None,
-               outcome: str, started: float) -> None:
+               outcome: str, status: int, started: float) -> None:
         attempt = Attempt(key.id if key is not None else "-", outcome,
                           self.keys.clock() - started)
         trace.append(attempt)
         self._on_attempt(outcome)
+        if key is not None:
+            self.keys.record_attempt(key, outcome, status)
         log.log(logging.DEBUG if outcome == "ok" else logging.INFO,
                 "attempt rid=%s n=%d key=%s outcome=%s ms=%.1f", req.request_id.decode(),
                 len(trace), attempt.key_id, outcome, attempt.seconds * 1000)
@@ -209,7 +214,9 @@ class AttemptLoop:
         settings = self.settings
         await conn.send_request(req.method, req.target, headers, req.body,
                                 settings.write_timeout)
+        sent = time.monotonic()
         response = await conn.receive_head(settings.first_byte_timeout)
+        self._on_first_byte(time.monotonic() - sent)
         if response.status_code not in STATUSES_TO_CLASSIFY:
             return Delivery(response, conn, b"", False, key)
         body, ended = await _read_ahead(conn, settings.idle_timeout)

@@ -58,9 +58,9 @@ class FirstEvent:
     def feed(self, data: bytes) -> Decision:
         if self.decision is not Decision.HOLD:
             return self.decision
-        window = max(0, self.max_hold_bytes - self._fed)
+        window = self.max_hold_bytes - self._fed  # only these first bytes may decide
         self._fed += len(data)
-        self._scan(data[:window])
+        self._scan(data if len(data) <= window else data[:max(0, window)])
         if self.decision is Decision.HOLD and self._fed > self.max_hold_bytes:
             self.decision = Decision.COMMIT  # held too much: stop waiting
         return self.decision
@@ -109,7 +109,7 @@ class FirstEvent:
         self._data, self._event = [], b""
         if not data:  # a blank line with no data: no event (keep-alive padding)
             return False
-        decision, error = judge(event.decode("utf-8", "replace"), b"\n".join(data))
+        decision, error = _judge(event.decode("utf-8", "replace"), b"\n".join(data))
         if decision is Decision.HOLD:
             return False
         self.decision = decision
@@ -118,7 +118,7 @@ class FirstEvent:
         return True
 
 
-def judge(event: str, data: bytes) -> tuple[Decision, Any]:
+def _judge(event: str, data: bytes) -> tuple[Decision, Any]:
     """One complete event → its decision, and the error object for ERROR."""
     if data == DONE:
         return Decision.COMMIT, None

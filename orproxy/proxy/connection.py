@@ -28,6 +28,7 @@ from orproxy.headers import client_request_id
 from orproxy.http.client_conn import ClientConnection
 from orproxy.http.routing import RouteKind, route
 from orproxy.http.validate import check_request_head
+from orproxy.observe.logs import request_id
 from orproxy.proxy.forward import Forwarder
 from orproxy.proxy.local import After, LocalPages, error_answer
 from orproxy.proxy.record import Outcome, RequestRecord, new_request_id
@@ -138,6 +139,7 @@ class ConnectionLoop:
         client, services = self.client, self.services
         record = RequestRecord(request.method, request.target.partition(b"?")[0][:256],
                                client_request_id(request.headers) or new_request_id())
+        context = request_id.set(record.request_id.decode())
         try:
             limits = services.config.limits
             framing = check_request_head(
@@ -168,6 +170,7 @@ class ConnectionLoop:
             return self._cancelled(record)
         finally:
             self._log(record)
+            request_id.reset(context)
         return After.CLOSE if services.draining and after is After.KEEP_ALIVE else after
 
     def _cancelled(self, record: RequestRecord) -> After:
@@ -183,10 +186,20 @@ class ConnectionLoop:
 
     def _log(self, record: RequestRecord) -> None:
         elapsed = time.monotonic() - record.started
-        self.services.metrics.request_done(record.route, record.status, elapsed)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "rid=%s method=%s path=%s status=%d ms=%.1f key=%s attempts=%d outcome=%s "
-                "bytes=%d", record.request_id.decode(), record.method.decode("latin-1"),
-                record.path.decode("latin-1"), record.status, elapsed * 1000, record.key_id,
-                len(record.attempts), record.outcome.value, record.sent_bytes)
+        self.services.metrics.request_done(record.route, record.method, record.status,
+                                           elapsed)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        fields = {
+            "rid": record.request_id.decode(), "method": record.method.decode("latin-1"),
+            "path": record.path.decode("latin-1"), "route": record.route,
+            "status": record.status, "ms": round(elapsed * 1000, 1), "key": record.key_id,
+            "attempts": len(record.attempts), "outcome": record.outcome.value,
+            "bytes": record.sent_bytes,
+        }
+        if record.model:
+            fields.update(model=record.model, prompt_tokens=record.prompt_tokens,
+                          completion_tokens=record.completion_tokens,
+                          cost=round(record.cost, 8))
+        access_log.info(" ".join(f"{k}={v}" for k, v in fields.items()),
+                        extra={"fields": fields})

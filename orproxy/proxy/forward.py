@@ -1,30 +1,35 @@
 """Forwarding one request: access check, CORS preflight, Expect, the body, then the attempt
-loop and the relay of the answer.
+loop, the relay of the answer, and what the answer tells us (tokens, cost, in-band errors).
 
 Two steps, so the connection loop knows when the upstream is being waited on: ``prepare``
 (nothing has gone upstream yet: refuse, or read the body) and ``deliver`` (the attempts,
 then the response head — the point of no return — and the body relay). Before the head
 goes out any failure is answered with a JSON error; after it, a failure cuts the
-connection (no final chunk), so a truncated body never looks complete.
+connection (no final chunk), so a truncated body never looks complete. The body is read
+by a scanner beside the relay (never changed) for ``usage`` and in-band errors.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import h11
 
 from orproxy.errors import ClientRequestError, NoKeyAvailable, UpstreamError
-from orproxy.headers import client_response_headers
+from orproxy.headers import Headers, client_response_headers
 from orproxy.http.auth import check_access
 from orproxy.http.client_conn import ClientConnection
 from orproxy.http.routing import Route
 from orproxy.http.validate import BodyFraming
+from orproxy.keys import Key
+from orproxy.observe.usage import BodySummary, UsageScanner, scanner_for
 from orproxy.proxy.attempts import Delivery, UpstreamRequest
 from orproxy.proxy.local import After, error_answer, refuse
 from orproxy.proxy.record import Outcome, RequestRecord
 from orproxy.proxy.relay import BodyRelay
 from orproxy.proxy.services import Services
+from orproxy.upstream.classify import classify
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,8 @@ class Forwarder:
         if expect and expect != [b"100-continue"]:
             raise ClientRequestError(417, "only Expect: 100-continue is supported")
         body = [] if bodiless else await client.read_body(framing)
+        record.received_bytes = sum(map(len, body))
+        services.metrics.bytes_received(record.received_bytes)
         return UpstreamRequest(request.method, services.base_path + target.path,
                                request.headers.raw_items(), body, framing.framed,
                                record.request_id, public)
@@ -88,9 +95,11 @@ class Forwarder:
         headers = client_response_headers(resp.headers.raw_items(),
                                           request_id=record.request_id,
                                           close=services.draining)
-        head = h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason)
+        scanner = self._scanner(resp)
 
         def send_head(body: bytes, ended: bool) -> None:
+            head = h11.Response(status_code=resp.status_code, reason=resp.reason,
+                                headers=headers + _timing(record))
             events: list[h11.Event] = [head]
             if body:
                 events.append(h11.Data(data=body))
@@ -105,9 +114,12 @@ class Forwarder:
             services.metrics.bytes_sent(record.sent_bytes)
             return After.CLOSE if services.draining else After.KEEP_ALIVE
         relay = BodyRelay(conn, client, idle_timeout=timeouts.upstream_idle_seconds,
-                          write_timeout=timeouts.client_write_seconds)
+                          write_timeout=timeouts.client_write_seconds,
+                          tap=scanner.feed if scanner is not None else None)
+        complete = False
         try:
             await relay.start(send_head, delivery.body, delivery.ended)
+            complete = True
         except UpstreamError as exc:
             services.upstream.discard(conn)
             if client.can_respond:  # it failed before our head went out
@@ -125,5 +137,64 @@ class Forwarder:
             relay.stop()
             record.sent_bytes = relay.sent
             services.metrics.bytes_sent(relay.sent)
+            self._account(record, delivery.key, resp.status_code, scanner, complete)
         services.upstream.release(conn)
         return After.CLOSE if services.draining else After.KEEP_ALIVE
+
+    def _scanner(self, resp: h11.Response) -> UsageScanner | None:
+        if not self._services.config.metrics.enable_token_counting:
+            return None
+        if not 200 <= resp.status_code < 300:
+            return None
+        ctype = encoding = None
+        for name, value in resp.headers:
+            if name == b"content-type":
+                ctype = value
+            elif name == b"content-encoding":
+                encoding = value
+        return scanner_for(ctype, encoding)
+
+    def _account(self, record: RequestRecord, key: Key | None, status: int,
+                 scanner: UsageScanner | None, complete: bool) -> None:
+        """What the answer told us: tokens and cost by key and model, and an in-band error
+        recorded (and, for a rate limit, the key rested for later requests)."""
+        services = self._services
+        summary = scanner.result() if scanner is not None else BodySummary(None, None, None)
+        usage = summary.usage
+        if 200 <= status < 300:
+            record.model = services.models.add(summary.model, usage)
+        if usage is not None:
+            record.prompt_tokens, record.completion_tokens = (usage.prompt_tokens,
+                                                              usage.completion_tokens)
+            record.cost = usage.cost
+        if key is None:
+            return
+        keys = services.keys
+        if usage is not None:
+            keys.record_usage(key, prompt=usage.prompt_tokens,
+                              completion=usage.completion_tokens, cached=usage.cached_tokens,
+                              cache_write=usage.cache_write_tokens,
+                              reasoning=usage.reasoning_tokens, cost=usage.cost)
+        error = summary.error
+        if error is not None:
+            verdict = None
+            if error.code is not None and error.envelope is not None:
+                verdict = classify(error.code, [], error.envelope, time.time())
+                services.attempts.apply(verdict, key)
+            reason = verdict.reason if verdict is not None and verdict.reason else (
+                f"in-band error {error.code}" if error.code else "in-band error")
+            keys.record_in_band_error(key, error.code, reason)
+            log.warning("in-band error rid=%s key=%s code=%s: %s", record.request_id.decode(),
+                        key.id, error.code, error.message[:200])
+        elif complete and 200 <= status < 300:
+            keys.record_success(key)
+
+
+def _timing(record: RequestRecord) -> Headers:
+    """Server-Timing (RFC-free but every browser reads it) and the original's
+    X-Process-Time: how long until the head, and how much of it was the upstream's."""
+    total = time.monotonic() - record.started
+    upstream = min(record.upstream_seconds, total)
+    return [(b"Server-Timing", b"upstream;dur=%.1f, proxy;dur=%.1f"
+             % (upstream * 1000, (total - upstream) * 1000)),
+            (b"X-Process-Time", b"%.4f" % total)]

@@ -13,8 +13,10 @@ import time
 
 import h11
 
+from orproxy import __version__
 from orproxy.errors import Answer, ClientRequestError, answer_for, error_body, whole_seconds
 from orproxy.headers import Headers, local_response_headers
+from orproxy.http.auth import check_access
 from orproxy.http.client_conn import ClientConnection
 from orproxy.http.routing import Route, RouteKind
 from orproxy.http.validate import BodyFraming
@@ -23,6 +25,10 @@ from orproxy.proxy.record import Outcome, RequestRecord
 from orproxy.proxy.services import Services
 
 JSON = b"application/json"
+METRICS_PAGES = frozenset({RouteKind.METRICS, RouteKind.METRICS_JSON, RouteKind.METRICS_RAW})
+# a browser asked for the access key shows its login prompt (user name ignored)
+LOGIN = [(b"WWW-Authenticate", b'Basic realm="orproxy", charset="UTF-8"'),
+         (b"WWW-Authenticate", b"Bearer")]
 
 
 class After(enum.Enum):
@@ -69,10 +75,17 @@ def refuse(client: ClientConnection, record: RequestRecord, status: int, message
 class LocalPages:
     def __init__(self, services: Services) -> None:
         self._services = services
+        self._page = dashboard.page()
+        origin = services.config.openrouter.base_url
+        self._facts = dashboard.Facts(
+            __version__, services.started_wall,
+            f"{origin.scheme}://{origin.host_header}{origin.path}",
+            services.config.openrouter.key_selection_strategy)
 
     def answer(self, client: ClientConnection, request: h11.Request, framing: BodyFraming,
                target: Route, record: RequestRecord) -> After:
-        close = not client.end_if_bodiless(framing) or self._services.draining
+        services = self._services
+        close = not client.end_if_bodiless(framing) or services.draining
         kind = target.kind
         if kind is RouteKind.BAD_TARGET:
             raise ClientRequestError(400, "invalid request target")
@@ -81,19 +94,35 @@ class LocalPages:
         if request.method not in (b"GET", b"HEAD"):
             return refuse(client, record, 405, "method not allowed", close=close,
                           extra=[(b"Allow", b"GET, HEAD")])
-        status, ctype, body, extra = self._page(kind)
+        if (kind in METRICS_PAGES and not services.config.metrics.public
+                and not check_access(request.headers, services.access_key, basic=True)):
+            return refuse(client, record, 401, "missing or invalid access key", close=close,
+                          extra=LOGIN)
+        status, ctype, body, extra = self._content(kind, request)
         record.outcome = Outcome.LOCAL
         respond(client, record, status, ctype, body, close=close, extra=extra,
                 head_only=request.method == b"HEAD")
         return After.LINGER if close else After.KEEP_ALIVE
 
-    def _page(self, kind: RouteKind) -> tuple[int, bytes, bytes, Headers]:
+    def _content(self, kind: RouteKind, request: h11.Request,
+                 ) -> tuple[int, bytes, bytes, Headers]:
         services = self._services
         if kind is RouteKind.METRICS_RAW:
-            return 200, services.metrics.content_type.encode(), services.metrics.render(), []
+            accept = b",".join(v for n, v in request.headers if n == b"accept")
+            ctype, body = services.metrics.render(accept)
+            return 200, ctype, body, []
         if kind is RouteKind.METRICS:
-            page = dashboard.render(services.keys.snapshot(), services.metrics.totals())
-            return 200, b"text/html; charset=utf-8", page, []
+            # the page may not be framed by another site (clickjacking)
+            return 200, b"text/html; charset=utf-8", self._page, [
+                (b"Content-Security-Policy", b"frame-ancestors 'none'"),
+                (b"X-Frame-Options", b"DENY")]
+        if kind is RouteKind.METRICS_JSON:
+            doc = dashboard.document(
+                self._facts, services.keys.snapshot(), services.models.snapshot(),
+                services.models.total, services.upstream.snapshot(),
+                services.metrics.totals().open_connections, services.probe,
+                services.metrics.series.series(time.time()))
+            return 200, JSON, json.dumps(doc, separators=(",", ":")).encode(), []
         return self._health()
 
     def _health(self) -> tuple[int, bytes, bytes, Headers]:

@@ -46,6 +46,11 @@ class RequestRecord:
     status: int = 0
     outcome: Outcome = Outcome.OK
     sent_bytes: int = 0
+    received_bytes: int = 0
+    model: str = ""  # the bounded label the answer was counted under
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
     attempts: list[Attempt] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -53,6 +58,10 @@ class RequestRecord:
     def key_id(self) -> str:
         """The key of the last attempt (the one whose answer the client got)."""
         return self.attempts[-1].key_id if self.attempts else "-"
+
+    @property
+    def upstream_seconds(self) -> float:
+        return sum(attempt.seconds for attempt in self.attempts)
 
 
 _ID_PREFIX = os.urandom(6).hex()

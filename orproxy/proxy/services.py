@@ -11,6 +11,8 @@ from typing import Protocol
 
 from orproxy.config import Config
 from orproxy.keys import KeyPool
+from orproxy.observe.accounting import ModelTally
+from orproxy.observe.dashboard import ProcessProbe
 from orproxy.observe.metrics import Metrics
 from orproxy.proxy.attempts import AttemptLoop
 from orproxy.upstream.pool import UpstreamPool
@@ -27,7 +29,9 @@ class Services:
     upstream: UpstreamPool
     attempts: AttemptLoop
     metrics: Metrics
+    models: ModelTally
     started: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
     draining: bool = False
     connections: set[Closable] = field(default_factory=set)
 
@@ -35,3 +39,11 @@ class Services:
         self.access_key = self.config.server.access_key.encode()
         self.public = frozenset(p.encode() for p in self.config.openrouter.public_endpoints)
         self.base_path = self.config.openrouter.base_url.path.encode()
+        self._probe: ProcessProbe | None = None
+
+    @property
+    def probe(self) -> ProcessProbe:
+        """psutil is loaded on the first dashboard view, not at start."""
+        if self._probe is None:
+            self._probe = ProcessProbe(self.config.metrics.enable_system_metrics)
+        return self._probe

@@ -49,7 +49,6 @@ _VOLATILE_PART_KEYS = frozenset({"cache_control"})
 
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
-_MISSING = object()
 
 
 class _Malformed(Exception):
@@ -79,7 +78,7 @@ def conversation_id(
         return _named("cache", cache_key.encode("utf-8", "surrogatepass"))
     try:
         return _content_id(fields)
-    except RecursionError:  # content nested past what we care to walk
+    except RecursionError:  # content nested deeper than Python recursion
         return None
 
 
@@ -145,10 +144,11 @@ def _fields(body: bytes, full_parse_bytes: int) -> dict[str, Any]:
         text = body.decode(json.detect_encoding(body))
     except (ValueError, RecursionError):  # JSON and Unicode errors alike
         return {}
-    return _scan(text) if text.lstrip(" \t\n\r\ufeff")[:1] == "{" else {}
+    first = _ws(text, 0)
+    return _scan(text) if text[first:first + 1] == "{" else {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache  # at most 2**7 subsets of the field names
 def _pattern(names: tuple[str, ...]) -> re.Pattern[str]:
     """`"name"` then a colon, for the names still wanted (a field found is no longer sought)."""
     return re.compile(r'"(' + "|".join(names) + r')"[ \t\n\r]*:[ \t\n\r]*')
@@ -163,42 +163,46 @@ def _scan(text: str) -> dict[str, Any]:
         if match is None:
             break
         name, pos = match.group(1), match.end()
-        value = _value_at(text, pos, name)
-        if value is _MISSING:
+        found = _value_at(text, pos, name)
+        if found is None:
             rejected += 1
             continue
-        fields[name] = value
+        # go on after what was decoded: keys inside a value found are not the request's
+        fields[name], pos = found
         wanted.remove(name)
         if name == "messages" and "input" in wanted:  # messages win over input anyway
             wanted.remove("input")
     return fields
 
 
-def _value_at(text: str, i: int, name: str) -> Any:
+def _value_at(text: str, i: int, name: str) -> tuple[Any, int] | None:
+    """The value at `i` and where its decoding stopped, if it has the field's type."""
     if i >= len(text) or text[i] not in _SCANNED[name]:
-        return _MISSING
+        return None
     try:
         if name in _LIST_FIELDS and text[i] == "[":
             return _list_head(text, i)
-        return _DECODER.raw_decode(text, i)[0]
+        value, end = _DECODER.raw_decode(text, i)
     except (ValueError, RecursionError, IndexError, _Malformed):
-        return _MISSING
+        return None
+    return value, end
 
 
-def _list_head(text: str, start: int) -> list[Any]:
-    """The items of the array at `start`, up to and including its first user message."""
+def _list_head(text: str, start: int) -> tuple[list[Any], int]:
+    """The items of the array at `start` up to and including its first user message, and
+    where they end."""
     items: list[Any] = []
     i = _ws(text, start + 1)
     if text[i] == "]":
-        return items
+        return items, i + 1
     while True:
         item, i = _DECODER.raw_decode(text, i)
         items.append(item)
         if isinstance(item, dict) and item.get("role") == "user":
-            return items
+            return items, i
         i = _ws(text, i)
         if text[i] == "]":
-            return items
+            return items, i + 1
         if text[i] != ",":
             raise _Malformed
         i = _ws(text, i + 1)

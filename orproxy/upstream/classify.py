@@ -33,7 +33,6 @@ REASON_NAME_CHARS = 64
 MODEL_CHARS = 200
 MIN_SECONDS = 1.0
 MAX_SECONDS = 31 * 86400.0
-MAX_COOLDOWN_SECONDS = MAX_SECONDS  # the name the rest of the code knew
 DAY_SECONDS = 86400.0
 
 # OPENROUTER.md "429 origin": a provider's 429 names the provider's raw answer or code.
