@@ -138,3 +138,20 @@ def http_date() -> bytes:
     if _date_cache[0] != now:
         _date_cache = (now, formatdate(now, usegmt=True).encode())
     return _date_cache[1]
+
+
+DECODABLE_CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate", b"identity"})
+
+
+def only_decodable_codings(headers: Headers) -> Headers:
+    """Accept-Encoding narrowed to the codings whose bodies we can read for accounting
+    (gzip, deflate): with br or zstd chosen, tokens and in-band errors would go unseen. The
+    client still gets a coding it asked for; a list with nothing left becomes identity."""
+    out: Headers = []
+    for name, value in headers:
+        if name.lower() == b"accept-encoding":
+            kept = [c for c in (p.strip() for p in value.split(b","))
+                    if c.split(b";", 1)[0].strip().lower() in DECODABLE_CODINGS]
+            value = b", ".join(kept) or b"identity"
+        out.append((name, value))
+    return out

@@ -19,6 +19,7 @@ from orproxy.headers import (
     connection_tokens,
     http_date,
     local_response_headers,
+    only_decodable_codings,
     upstream_request_headers,
 )
 
@@ -272,3 +273,16 @@ def test_upstream_request_properties(client: Headers, auth: bytes | None,
     drop = HOP_BY_HOP | listed | ours | {b"expect"}
     assert out[1:1 + len(out) - len(ours & set(lower))] == [
         (n, v) for n, v in client if n.lower() not in drop]
+
+
+@pytest.mark.parametrize(("value", "sent"), [
+    (b"gzip, deflate, br, zstd", b"gzip, deflate"),
+    (b"br;q=1.0, gzip;q=0.8, *;q=0.1", b"gzip;q=0.8"),
+    (b"br", b"identity"),
+    (b"identity", b"identity"),
+    (b"GZIP", b"GZIP"),
+])
+def test_only_decodable_codings_go_upstream(value: bytes, sent: bytes) -> None:
+    headers = [(b"Accept", b"*/*"), (b"Accept-Encoding", value), (b"X-Other", b"br")]
+    assert only_decodable_codings(headers) == [(b"Accept", b"*/*"), (b"Accept-Encoding", sent),
+                                               (b"X-Other", b"br")]

@@ -6,9 +6,11 @@ messages, each as a JSON body and as an SSE stream with keep-alive comments and 
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import tracemalloc
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,10 +21,12 @@ from hypothesis import strategies as st
 from orproxy.observe.usage import (
     ENVELOPE_BYTES,
     HEAD_BYTES,
+    MAX_INFLATED_BYTES,
     MESSAGE_CHARS,
     TAIL_BYTES,
     BodySummary,
     InBandError,
+    InflatingScanner,
     Usage,
     UsageScanner,
     scanner_for,
@@ -790,9 +794,13 @@ def test_random_bytes_never_raise(body: bytes, sse: bool, points: list[int]) -> 
     (b"application/json", None, "json"),
     (b"application/json; charset=utf-8", b"", "json"),
     (b"APPLICATION/JSON", b"Identity", "json"),
-    (b"application/json", b"gzip", None),
+    (b"application/json", b"gzip", "json+gzip"),
+    (b"text/event-stream", b"x-gzip", "sse+gzip"),
+    (b"application/json", b"identity, gzip", "json+gzip"),
+    (b"application/json", b"deflate", "json+deflate"),
     (b"text/event-stream", b"br", None),
-    (b"application/json", b"identity, gzip", None),
+    (b"application/json", b"zstd", None),
+    (b"application/json", b"gzip, gzip", None),
     (b"text/plain", None, None),
     (b"application/x-ndjson", None, None),
     (None, None, None),
@@ -804,9 +812,31 @@ def test_scanner_for(content_type: bytes | None, encoding: bytes | None,
         assert scanner is None
         return
     assert scanner is not None
-    body = CHAT_SSE if kind == "sse" else CHAT_JSON
-    scanner.feed(body)
+    body = CHAT_SSE if kind.startswith("sse") else CHAT_JSON
+    if kind.endswith("+gzip"):
+        body = gzip.compress(body)
+    elif kind.endswith("+deflate"):
+        body = zlib.compress(body)
+    for i in range(0, len(body), 7):  # inflated piece by piece, as relayed
+        scanner.feed(body[i:i + 7])
     assert scanner.result() == BodySummary(CHAT_EXPECTED, CHAT_MODEL, None)
+
+
+def test_an_encoded_body_that_is_not_what_it_says_is_not_counted() -> None:
+    scanner = scanner_for(b"application/json", b"gzip")
+    assert scanner is not None
+    scanner.feed(b"not gzip at all" + CHAT_JSON)
+    assert scanner.result() == BodySummary(None, None, None)
+
+
+def test_a_compression_bomb_costs_bounded_work() -> None:
+    scanner = scanner_for(b"application/json", b"gzip")
+    assert isinstance(scanner, InflatingScanner)
+    bomb = gzip.compress(b" " * (MAX_INFLATED_BYTES + (1 << 20)) + CHAT_JSON)
+    for i in range(0, len(bomb), 65536):
+        scanner.feed(bomb[i:i + 65536])
+    assert scanner._inflated == MAX_INFLATED_BYTES  # stopped there: the rest is not read
+    assert scanner.result().usage is None
 
 
 def test_bad_window_sizes_are_refused() -> None:

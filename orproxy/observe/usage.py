@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -171,23 +172,58 @@ class UsageScanner:
         return _no_bom(head), tail[-self._tail_cap:]
 
 
+class InflatingScanner:
+    """A scanner for a gzip- or deflate-encoded body: a copy of each chunk is inflated for
+    the scan (the relayed bytes stay as they are). Inflating stops after
+    ``MAX_INFLATED_BYTES`` (a compression bomb costs bounded work) or at bad data."""
+
+    __slots__ = ("_inflated", "_inflater", "_scanner")
+
+    def __init__(self, scanner: UsageScanner) -> None:
+        self._scanner = scanner
+        # wbits 47 = 32 + 15: a zlib or gzip header, detected
+        self._inflater: Any = zlib.decompressobj(47)
+        self._inflated = 0
+
+    def feed(self, data: bytes | bytearray) -> None:
+        inflater = self._inflater
+        if inflater is None or not data:
+            return
+        try:
+            out = inflater.decompress(data, MAX_INFLATED_BYTES - self._inflated)
+        except zlib.error:
+            self._inflater = None
+            return
+        self._inflated += len(out)
+        if self._inflated >= MAX_INFLATED_BYTES:
+            self._inflater = None
+        self._scanner.feed(out)
+
+    def result(self) -> BodySummary:
+        return self._scanner.result()
+
+
+MAX_INFLATED_BYTES = 64 * 1024 * 1024
+DECODABLE = frozenset({b"gzip", b"x-gzip", b"deflate"})
+
+
 def scanner_for(content_type: bytes | None, content_encoding: bytes | None, *,
                 head_bytes: int = HEAD_BYTES, tail_bytes: int = TAIL_BYTES
-                ) -> UsageScanner | None:
+                ) -> UsageScanner | InflatingScanner | None:
     """A scanner for a response with these headers, or None when there is nothing to read:
-    an encoded body (we never decode bodies) or a media type other than SSE or JSON."""
-    if content_encoding is not None:
-        for coding in content_encoding.split(b","):
-            if coding.strip().lower() not in (b"", b"identity"):
-                return None
+    a media type other than SSE or JSON, or a coding we cannot undo (br, zstd, several)."""
+    codings = [c.strip().lower() for c in (content_encoding or b"").split(b",")]
+    codings = [c for c in codings if c not in (b"", b"identity")]
+    if len(codings) > 1 or (codings and codings[0] not in DECODABLE):
+        return None
     if content_type is None:
         return None
     media = content_type.split(b";", 1)[0].strip().lower()
-    if media == b"text/event-stream":
-        return UsageScanner(sse=True, head_bytes=head_bytes, tail_bytes=tail_bytes)
-    if media == b"application/json":
-        return UsageScanner(sse=False, head_bytes=head_bytes, tail_bytes=tail_bytes)
-    return None
+    if media not in (b"text/event-stream", b"application/json"):
+        return None
+    scanner = UsageScanner(sse=media == b"text/event-stream", head_bytes=head_bytes,
+                           tail_bytes=tail_bytes)
+    return InflatingScanner(scanner) if codings else scanner
 
 
 def usage_from(obj: object) -> Usage | None:

@@ -17,13 +17,13 @@ import time
 import h11
 
 from orproxy.errors import ClientRequestError, NoKeyAvailable, UpstreamError
-from orproxy.headers import Headers, client_response_headers
+from orproxy.headers import Headers, client_response_headers, only_decodable_codings
 from orproxy.http.auth import check_access
 from orproxy.http.client_conn import ClientConnection
 from orproxy.http.routing import Route
 from orproxy.http.validate import BodyFraming
 from orproxy.keys import Key
-from orproxy.observe.usage import BodySummary, UsageScanner, scanner_for
+from orproxy.observe.usage import BodySummary, InflatingScanner, UsageScanner, scanner_for
 from orproxy.proxy.attempts import Delivery, UpstreamRequest
 from orproxy.proxy.local import After, error_answer, refuse
 from orproxy.proxy.record import Outcome, RequestRecord
@@ -67,9 +67,11 @@ class Forwarder:
         body = [] if bodiless else await client.read_body(framing)
         record.received_bytes = sum(map(len, body))
         services.metrics.bytes_received(record.received_bytes)
-        return UpstreamRequest(request.method, services.base_path + target.path,
-                               request.headers.raw_items(), body, framing.framed,
-                               record.request_id, public)
+        headers = request.headers.raw_items()
+        if services.config.metrics.enable_token_counting:
+            headers = only_decodable_codings(headers)
+        return UpstreamRequest(request.method, services.base_path + target.path, headers,
+                               body, framing.framed, record.request_id, public)
 
     async def deliver(self, client: ClientConnection, req: UpstreamRequest,
                       record: RequestRecord) -> After:
@@ -141,7 +143,7 @@ class Forwarder:
         services.upstream.release(conn)
         return After.CLOSE if services.draining else After.KEEP_ALIVE
 
-    def _scanner(self, resp: h11.Response) -> UsageScanner | None:
+    def _scanner(self, resp: h11.Response) -> UsageScanner | InflatingScanner | None:
         if not self._services.config.metrics.enable_token_counting:
             return None
         if not 200 <= resp.status_code < 300:
@@ -155,7 +157,7 @@ class Forwarder:
         return scanner_for(ctype, encoding)
 
     def _account(self, record: RequestRecord, key: Key | None, status: int,
-                 scanner: UsageScanner | None, complete: bool) -> None:
+                 scanner: UsageScanner | InflatingScanner | None, complete: bool) -> None:
         """What the answer told us: tokens and cost by key and model, and an in-band error
         recorded (and, for a rate limit, the key rested for later requests)."""
         services = self._services
