@@ -12,6 +12,7 @@ import logging
 import signal
 import socket
 import ssl
+import time
 
 from orproxy.config import Config
 from orproxy.keys import KeyEvent, KeyPool
@@ -22,6 +23,8 @@ from orproxy.observe.metrics import Metrics
 from orproxy.proxy.attempts import AttemptLoop, AttemptSettings
 from orproxy.proxy.connection import ConnectionLoop
 from orproxy.proxy.services import Services
+from orproxy.state import FileStore, MemoryStore, Snapshot, StateSaver, StateStore
+from orproxy.state.keys import from_snapshot, to_records
 from orproxy.stream import Stream
 from orproxy.upstream.dial import dial
 from orproxy.upstream.pool import UpstreamPool
@@ -65,8 +68,23 @@ def build_services(config: Config) -> Services:
     attempts = AttemptLoop(pool, keys, settings, on_attempt=metrics.attempt,
                            on_first_byte=metrics.first_byte)
     models = ModelTally(allow=config.metrics.models, top_n=config.metrics.models_top_n)
-    keys.on_change = log_key_event
     return Services(config, keys, pool, attempts, metrics, models)
+
+
+def open_state(config: Config, keys: KeyPool) -> StateSaver:
+    """Load the saved key state into the pool and return the saver that keeps it."""
+    store: StateStore = FileStore(config.state.file) if config.state.file else MemoryStore()
+    restored = keys.restore(from_snapshot(store.load()),
+                            max_rest_seconds=max(config.openrouter.rate_limit_cooldown,
+                                                 config.openrouter.credit_cooldown_seconds,
+                                                 31 * 86400.0))
+    if config.state.file:
+        log.info("key state: %s (%d key(s) restored)", config.state.file, restored)
+
+    def export() -> Snapshot:
+        return Snapshot(to_records(keys.export(), time.time()))
+
+    return StateSaver(store, export, counters_interval=config.state.counters_interval_seconds)
 
 
 def log_key_event(event: KeyEvent) -> None:
@@ -79,6 +97,9 @@ class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.services = build_services(config)
+        self.saver = open_state(config, self.services.keys)
+        self.services.mark_state = self.saver.mark
+        self.services.keys.on_change = self._key_changed
         self._listener: Listener | None = None
         self._port = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -97,6 +118,7 @@ class App:
         self.services.metrics.watch(self.services.keys, self.services.upstream, self._listener,
                                     self.services.models)
         self._listener.start()
+        self.saver.mark(urgent=True)  # the state as reconciled with this config's keys
         o = self.config.openrouter
         log.info("listening on %s:%d; upstream %s://%s:%d%s; %d key(s) [%s]; strategy %s%s; "
                  "up to %d connections (open-file limit %d)",
@@ -105,6 +127,10 @@ class App:
                  ", ".join(v.id for v in self.services.keys.snapshot()),
                  o.key_selection_strategy, " +same" if "same" in o.key_selection_opts else "",
                  budget.max_connections, budget.soft_limit)
+
+    def _key_changed(self, event: KeyEvent) -> None:
+        log_key_event(event)
+        self.saver.mark(urgent=True)
 
     def _on_accept(self, sock: socket.socket, reserve: bool) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(sock, reserve))
@@ -145,6 +171,7 @@ class App:
                             len(pending))
                 await asyncio.wait(pending, timeout=5)
         self.services.upstream.close()
+        await self.saver.close()
         log.info("stopped")
 
     async def serve(self) -> None:

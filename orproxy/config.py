@@ -118,6 +118,12 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    file: str | None = "orproxy-state.json"  # None: keep key state in memory only
+    counters_interval_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     public: bool = False  # /metrics, /metrics/json, /metrics/raw without the access key
     enable_token_counting: bool = True
@@ -141,6 +147,7 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    state: StateConfig = field(default_factory=StateConfig)
 
 
 # --- field checkers: each returns (value, problem) -------------------------------------------
@@ -322,6 +329,10 @@ SCHEMA: dict[str, dict[str, tuple[str, Checker]]] = {
         "models": ("models", _str_list()),
         "models_top_n": ("models_top_n", _int(0, 1000)),
     },
+    "state": {
+        "file": ("file", _opt_str),
+        "counters_interval_seconds": ("counters_interval_seconds", _seconds(0.0, 3600.0)),
+    },
 }
 
 
@@ -437,6 +448,11 @@ def build_config(raw: Any, env: Mapping[str, str]) -> Config:
     else:
         openrouter["keys"] = _check_keys(openrouter.get("keys", []), "openrouter.keys", problems)
     proxy = _check_request_proxy(sections["requestProxy"], problems)
+    state = sections["state"]
+    if env.get("ORPROXY_STATE_FILE"):  # systemd's unit points it into StateDirectory
+        state["file"] = env["ORPROXY_STATE_FILE"]
+    if state.get("file") == "":
+        state["file"] = None
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -447,6 +463,7 @@ def build_config(raw: Any, env: Mapping[str, str]) -> Config:
         timeouts=TimeoutsConfig(**sections["timeouts"]),
         retry=RetryConfig(**sections["retry"]),
         metrics=MetricsConfig(**sections["metrics"]),
+        state=StateConfig(**state),
     )
 
 

@@ -74,6 +74,7 @@ def proxy_config(fake_port: int, ca_file: str, **overrides: Any) -> dict[str, An
                    "log_level": "WARNING", "http_log_level": "WARNING"},
         "openrouter": {"keys": KEYS, "base_url": f"https://127.0.0.1:{fake_port}/api/v1",
                        "ca_file": ca_file, "rate_limit_cooldown": 60},
+        "state": {"file": None},  # key state in memory: a test opts in to a file
     }
     return merge(base, overrides)
 

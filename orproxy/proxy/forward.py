@@ -171,6 +171,7 @@ class Forwarder:
             record.cost = usage.cost
         if key is None:
             return
+        services.mark_state(False)
         keys = services.keys
         if usage is not None:
             keys.record_usage(key, prompt=usage.prompt_tokens,

@@ -6,6 +6,7 @@ Plain wiring: no behaviour of its own beyond values derived once from the config
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,6 +31,8 @@ class Services:
     attempts: AttemptLoop
     metrics: Metrics
     models: ModelTally
+    # something worth saving changed: True for a key's state, False for counters
+    mark_state: Callable[[bool], None] = lambda urgent: None
     started: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     draining: bool = False
