@@ -14,6 +14,7 @@ import socket
 import ssl
 import time
 
+from orproxy import __version__
 from orproxy.config import Config
 from orproxy.keys import KeyEvent, KeyPool
 from orproxy.listener import Listener, raise_fd_limit
@@ -22,6 +23,8 @@ from orproxy.observe.logs import key_event_line
 from orproxy.observe.metrics import Metrics
 from orproxy.proxy.attempts import AttemptLoop, AttemptSettings
 from orproxy.proxy.connection import ConnectionLoop
+from orproxy.proxy.fetch import fetch_whole
+from orproxy.proxy.models_cache import Fetched, ModelsCache
 from orproxy.proxy.services import Services
 from orproxy.state import FileStore, MemoryStore, Snapshot, StateSaver, StateStore
 from orproxy.state.keys import from_snapshot, to_records
@@ -30,6 +33,9 @@ from orproxy.upstream.dial import dial
 from orproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
+
+USER_AGENT = f"orproxy/{__version__}".encode()
+MODELS_MAX_BYTES = 16 * 1024 * 1024
 
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
@@ -68,7 +74,21 @@ def build_services(config: Config) -> Services:
     attempts = AttemptLoop(pool, keys, settings, on_attempt=metrics.attempt,
                            on_first_byte=metrics.first_byte)
     models = ModelTally(allow=config.metrics.models, top_n=config.metrics.models_top_n)
-    return Services(config, keys, pool, attempts, metrics, models)
+    services: Services
+
+    async def fetch_models(query: bytes) -> Fetched:
+        headers = [(b"Host", settings.host_header), (b"Accept", b"application/json"),
+                   (b"Accept-Encoding", b"identity"), (b"User-Agent", USER_AGENT)]
+        return await fetch_whole(services.upstream, origin.path.encode() + b"/models" + query,
+                                 headers, first_byte_timeout=timeouts.upstream_first_byte_seconds,
+                                 idle_timeout=timeouts.upstream_idle_seconds,
+                                 max_bytes=MODELS_MAX_BYTES)
+
+    cache = ModelsCache(fetch_models, free_only=openrouter.free_only,
+                        ttl_seconds=openrouter.cache_ttl if openrouter.enable_cache else 0.0,
+                        max_body_bytes=MODELS_MAX_BYTES)
+    services = Services(config, keys, pool, attempts, metrics, models, cache)
+    return services
 
 
 def open_state(config: Config, keys: KeyPool) -> StateSaver:
@@ -171,6 +191,7 @@ class App:
                             len(pending))
                 await asyncio.wait(pending, timeout=5)
         self.services.upstream.close()
+        await self.services.models_cache.close()
         await self.saver.close()
         log.info("stopped")
 

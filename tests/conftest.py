@@ -73,7 +73,8 @@ def proxy_config(fake_port: int, ca_file: str, **overrides: Any) -> dict[str, An
         "server": {"host": "127.0.0.1", "port": 0, "access_key": ACCESS_KEY,
                    "log_level": "WARNING", "http_log_level": "WARNING"},
         "openrouter": {"keys": KEYS, "base_url": f"https://127.0.0.1:{fake_port}/api/v1",
-                       "ca_file": ca_file, "rate_limit_cooldown": 60},
+                       "ca_file": ca_file, "rate_limit_cooldown": 60,
+                       "enable_cache": False},  # /models forwarded: a test opts in to the cache
         "state": {"file": None},  # key state in memory: a test opts in to a file
     }
     return merge(base, overrides)

@@ -47,6 +47,9 @@ class UpstreamRequest:
     request_id: bytes
     public: bool  # sent with no key at all
     free: bool = True  # may be for a free model: free-model rests apply
+    model: str | None = None  # the model the body asks for
+    conversation: str | None = None  # the conversation it continues (sticky keys)
+    models_query: bytes | None = None  # a GET/HEAD of /models: its query, for the cache
 
 
 @dataclass(slots=True)

@@ -26,8 +26,10 @@ from orproxy.keys import Key
 from orproxy.observe.usage import BodySummary, InflatingScanner, UsageScanner, scanner_for
 from orproxy.proxy.attempts import Delivery, UpstreamRequest
 from orproxy.proxy.local import After, error_answer, refuse
+from orproxy.proxy.models_cache import Fetched
 from orproxy.proxy.record import Outcome, RequestRecord
 from orproxy.proxy.relay import BodyRelay
+from orproxy.proxy.requestinfo import request_info
 from orproxy.proxy.services import Services
 from orproxy.upstream.classify import classify
 
@@ -70,12 +72,26 @@ class Forwarder:
         headers = request.headers.raw_items()
         if services.config.metrics.enable_token_counting:
             headers = only_decodable_codings(headers)
+        info = request_info(request.method, headers, body)
         return UpstreamRequest(request.method, services.base_path + target.path, headers,
-                               body, framing.framed, record.request_id, public)
+                               body, framing.framed, record.request_id, public,
+                               model=info.model, conversation=info.conversation,
+                               models_query=_models_query(request.method, target.path))
 
     async def deliver(self, client: ClientConnection, req: UpstreamRequest,
                       record: RequestRecord) -> After:
         services = self._services
+        openrouter = services.config.openrouter
+        if req.models_query is not None and (openrouter.enable_cache or openrouter.free_only):
+            return await self._from_cache(client, req, record)
+        if req.model is not None:
+            free = await self._is_free(req.model)
+            if openrouter.free_only and not free:
+                record.outcome = Outcome.LOCAL_ERROR
+                return refuse(client, record, 403, f"model {req.model[:120]!r} is not free and "
+                              "this proxy serves free models only (free_only)",
+                              close=services.draining)
+            req.free = free
         try:
             delivery = await services.attempts.run(req, record.attempts)
         except NoKeyAvailable as exc:
@@ -86,6 +102,50 @@ class Forwarder:
             return error_answer(client, record, exc, Outcome.UPSTREAM_ERROR,
                                 close=services.draining)
         return await self._relay(client, delivery, record)
+
+    async def _is_free(self, model: str) -> bool:
+        """Free as the /models list says (every price zero); while no list is known, the
+        ``:free`` suffix decides. Only free_only waits for the list to load."""
+        cache = self._services.models_cache
+        if self._services.config.openrouter.free_only:
+            await cache.ensure_loaded()
+        known = cache.is_free(model)
+        return known if known is not None else model.endswith(":free")
+
+    async def _from_cache(self, client: ClientConnection, req: UpstreamRequest,
+                          record: RequestRecord) -> After:
+        """``GET/HEAD /api/v1/models``: from the cache (or the upstream's answer passed
+        through when the cache cannot hold it)."""
+        services = self._services
+        assert req.models_query is not None
+        head_only = req.method == b"HEAD"
+        try:
+            answer = await services.models_cache.answer(req.models_query, req.headers,
+                                                        head_only)
+        except UpstreamError as exc:
+            log.warning("models list failed rid=%s: %s", req.request_id.decode(), exc.message)
+            return error_answer(client, record, exc, Outcome.UPSTREAM_ERROR,
+                                close=services.draining)
+        if isinstance(answer, Fetched):
+            headers = client_response_headers(answer.headers, request_id=record.request_id,
+                                              close=services.draining)
+            status, body = answer.status, answer.body
+        else:
+            length = answer.content_length
+            headers = client_response_headers(
+                answer.headers + ([] if length is None else
+                                  [(b"Content-Length", str(length).encode())]),
+                request_id=record.request_id, close=services.draining)
+            status, body = answer.status, answer.body
+        events: list[h11.Event] = [h11.Response(status_code=status, headers=headers)]
+        if body and not head_only:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        client.send(*events)
+        record.status = status
+        record.sent_bytes = 0 if head_only else len(body)
+        services.metrics.bytes_sent(record.sent_bytes)
+        return After.CLOSE if services.draining else After.KEEP_ALIVE
 
     async def _relay(self, client: ClientConnection, delivery: Delivery,
                      record: RequestRecord) -> After:
@@ -191,6 +251,16 @@ class Forwarder:
                         key.id, error.code, error.message[:200])
         elif complete and 200 <= status < 300:
             keys.record_success(key)
+
+
+def _models_query(method: bytes, path: bytes) -> bytes | None:
+    """The query of a GET/HEAD of the models list (b"" for none), else None."""
+    if method not in READ_METHODS:
+        return None
+    bare, mark, query = path.partition(b"?")
+    if bare.rstrip(b"/") != b"/models":
+        return None
+    return mark + query
 
 
 def _timing(record: RequestRecord) -> Headers:

@@ -63,7 +63,7 @@ def respond_error(client: ClientConnection, record: RequestRecord, answer: Answe
         record.outcome = outcome
     respond(client, record, answer.status, JSON,
             error_body(answer.status, answer.message, answer.metadata), close=close,
-            extra=answer.headers)
+            extra=answer.headers, head_only=record.method == b"HEAD")
     return After.LINGER if close else After.KEEP_ALIVE
 
 

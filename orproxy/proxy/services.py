@@ -16,6 +16,7 @@ from orproxy.observe.accounting import ModelTally
 from orproxy.observe.dashboard import ProcessProbe
 from orproxy.observe.metrics import Metrics
 from orproxy.proxy.attempts import AttemptLoop
+from orproxy.proxy.models_cache import ModelsCache
 from orproxy.upstream.pool import UpstreamPool
 
 
@@ -31,6 +32,7 @@ class Services:
     attempts: AttemptLoop
     metrics: Metrics
     models: ModelTally
+    models_cache: ModelsCache
     # something worth saving changed: True for a key's state, False for counters
     mark_state: Callable[[bool], None] = lambda urgent: None
     started: float = field(default_factory=time.monotonic)

@@ -41,7 +41,7 @@ SESSION_HEADER = b"x-session-id"
 SYSTEM_ROLES = frozenset({"system", "developer"})
 # field → the first characters of the values we accept for it when scanning
 _SCANNED = {"session_id": '"', "prompt_cache_key": '"', "model": '"', "instructions": '"',
-            "system": '"[', "messages": "[", "input": '"['}
+            "system": '"[', "messages": "[", "input": '"[', "models": "["}
 _LIST_FIELDS = frozenset({"messages", "input"})
 # Per-part markers that move from turn to turn (Anthropic-style caching marks the latest
 # messages): not part of what the conversation said.
@@ -66,7 +66,12 @@ def conversation_id(
     `instructions`, or the first system/developer message before the first user message
     (a later developer message would otherwise rename a conversation in mid-course).
     """
-    fields = _fields(body, full_parse_bytes)
+    return conversation_of(headers, request_fields(body, full_parse_bytes=full_parse_bytes))
+
+
+def conversation_of(headers: Sequence[tuple[bytes, bytes]], fields: dict[str, Any],
+                    ) -> str | None:
+    """``conversation_id`` from fields already read (``request_fields``)."""
     session = fields.get("session_id")
     if isinstance(session, str) and session:
         return _named("session", session.encode("utf-8", "surrogatepass"))
@@ -134,7 +139,7 @@ def _canonical(value: Any, *, part: bool) -> Any:
 # --- reading the fields -------------------------------------------------------------------
 
 
-def _fields(body: bytes, full_parse_bytes: int) -> dict[str, Any]:
+def request_fields(body: bytes, *, full_parse_bytes: int = FULL_PARSE_BYTES) -> dict[str, Any]:
     """The fields we name conversations by; {} when the body is not a JSON object.
     Scanned `messages` / `input` lists stop at their first user message."""
     try:
