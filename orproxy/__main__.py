@@ -10,7 +10,7 @@ import os
 import sys
 
 from orproxy import __version__
-from orproxy.app import App
+from orproxy.app import App, StartError
 from orproxy.config import ConfigError, load_config
 from orproxy.observe.logs import setup_logging
 
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.server.log_level, config.server.http_log_level,
                   config.server.log_format)
     try:
-        asyncio.run(App(config).serve())
-    except OSError as exc:  # e.g. the port is taken
+        asyncio.run(App(config, reload=lambda: load_config(args.config, os.environ)).serve())
+    except StartError as exc:
         logging.getLogger("orproxy").error("cannot start: %s", exc)
         return 1
     return 0

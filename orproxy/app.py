@@ -1,8 +1,12 @@
-"""The composition root: builds the parts from the config, listens, and shuts down in stages.
+"""The running proxy: listens, reloads its config on SIGHUP, and shuts down in stages.
 
 Owns the listener, the connection tasks and the signal handlers. Shutdown: stop accepting,
 close idle keep-alive connections, let running requests and streams finish within the
-grace period, answer 503 to what has not been answered by then, close the upstream pool.
+grace period, answer 503 to what has not been answered by then, close the upstream pool,
+save the key state. A reload re-reads the config; an invalid one is refused with every
+problem logged and the old one stays in force; a valid one is applied without dropping a
+connection: kept keys keep their state, in-flight requests finish on what they started
+with, and what changed is rebuilt.
 """
 
 from __future__ import annotations
@@ -11,111 +15,34 @@ import asyncio
 import logging
 import signal
 import socket
-import ssl
-import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from orproxy import __version__
-from orproxy.config import Config
-from orproxy.keys import KeyEvent, KeyPool
-from orproxy.listener import Listener, raise_fd_limit
-from orproxy.observe.accounting import ModelTally
-from orproxy.observe.logs import key_event_line
-from orproxy.observe.metrics import Metrics
-from orproxy.proxy.attempts import AttemptLoop, AttemptSettings
+from orproxy.assemble import (
+    attempt_settings,
+    build_services,
+    cache_changed,
+    key_list,
+    log_key_event,
+    make_models_cache,
+    make_upstream_pool,
+    open_state,
+    restart_only_changes,
+    upstream_changed,
+)
+from orproxy.config import Config, ConfigError
+from orproxy.keys import KeyEvent
+from orproxy.listener import Listener, fd_budget_now, raise_fd_limit
 from orproxy.proxy.connection import ConnectionLoop
-from orproxy.proxy.fetch import fetch_whole
-from orproxy.proxy.models_cache import Fetched, ModelsCache
-from orproxy.proxy.services import Services
-from orproxy.state import FileStore, MemoryStore, Snapshot, StateSaver, StateStore
-from orproxy.state.keys import from_snapshot, to_records
 from orproxy.stream import Stream
-from orproxy.upstream.dial import dial
-from orproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
 
-USER_AGENT = f"orproxy/{__version__}".encode()
-MODELS_MAX_BYTES = 16 * 1024 * 1024
-
-
-def tls_context(ca_file: str | None) -> ssl.SSLContext:
-    """The system trust store, plus an extra CA bundle when one is configured."""
-    context = ssl.create_default_context()
-    if ca_file:
-        context.load_verify_locations(cafile=ca_file)
-    context.set_alpn_protocols(["http/1.1"])
-    return context
-
-
-def build_services(config: Config) -> Services:
-    openrouter, timeouts, retry = config.openrouter, config.timeouts, config.retry
-    keys = KeyPool([(k.key, k.account) for k in openrouter.keys],
-                   strategy=openrouter.key_selection_strategy,
-                   same="same" in openrouter.key_selection_opts)
-    origin = openrouter.base_url
-    tls = tls_context(openrouter.ca_file) if origin.tls else None
-
-    async def dial_upstream() -> Stream:
-        return await dial(origin, tls, config.request_proxy, timeouts.upstream_connect_seconds)
-
-    pool = UpstreamPool(dial_upstream, max_idle=config.limits.max_upstream_idle_connections)
-    metrics = Metrics(system=config.metrics.enable_system_metrics)
-    settings = AttemptSettings(
-        host_header=origin.host_header.encode(),
-        first_byte_timeout=timeouts.upstream_first_byte_seconds,
-        idle_timeout=timeouts.upstream_idle_seconds,
-        write_timeout=timeouts.upstream_idle_seconds,
-        max_attempts=retry.max_attempts,
-        deadline_seconds=retry.deadline_seconds,
-        default_cooldown=openrouter.rate_limit_cooldown,
-        credit_cooldown=openrouter.credit_cooldown_seconds,
-        overload_delay=openrouter.google_rate_delay,
-    )
-    attempts = AttemptLoop(pool, keys, settings, on_attempt=metrics.attempt,
-                           on_first_byte=metrics.first_byte)
-    models = ModelTally(allow=config.metrics.models, top_n=config.metrics.models_top_n)
-    services: Services
-
-    async def fetch_models(query: bytes) -> Fetched:
-        headers = [(b"Host", settings.host_header), (b"Accept", b"application/json"),
-                   (b"Accept-Encoding", b"identity"), (b"User-Agent", USER_AGENT)]
-        return await fetch_whole(services.upstream, origin.path.encode() + b"/models" + query,
-                                 headers, first_byte_timeout=timeouts.upstream_first_byte_seconds,
-                                 idle_timeout=timeouts.upstream_idle_seconds,
-                                 max_bytes=MODELS_MAX_BYTES)
-
-    cache = ModelsCache(fetch_models, free_only=openrouter.free_only,
-                        ttl_seconds=openrouter.cache_ttl if openrouter.enable_cache else 0.0,
-                        max_body_bytes=MODELS_MAX_BYTES)
-    services = Services(config, keys, pool, attempts, metrics, models, cache)
-    return services
-
-
-def open_state(config: Config, keys: KeyPool) -> StateSaver:
-    """Load the saved key state into the pool and return the saver that keeps it."""
-    store: StateStore = FileStore(config.state.file) if config.state.file else MemoryStore()
-    restored = keys.restore(from_snapshot(store.load()),
-                            max_rest_seconds=max(config.openrouter.rate_limit_cooldown,
-                                                 config.openrouter.credit_cooldown_seconds,
-                                                 31 * 86400.0))
-    if config.state.file:
-        log.info("key state: %s (%d key(s) restored)", config.state.file, restored)
-
-    def export() -> Snapshot:
-        return Snapshot(to_records(keys.export(), time.time()))
-
-    return StateSaver(store, export, counters_interval=config.state.counters_interval_seconds)
-
-
-def log_key_event(event: KeyEvent) -> None:
-    """A key's every change of state is one line: journalctl shows why traffic moved."""
-    level, message, fields = key_event_line(event)
-    logging.getLogger("orproxy.keys").log(level, message, extra={"fields": fields})
-
 
 class App:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self._reload_config = reload  # re-reads the config (file, environment, flags)
         self.services = build_services(config)
         self.saver = open_state(config, self.services.keys)
         self.services.mark_state = self.saver.mark
@@ -123,6 +50,7 @@ class App:
         self._listener: Listener | None = None
         self._port = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._retired: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -132,7 +60,10 @@ class App:
         server = self.config.server
         limits = self.config.limits
         budget = raise_fd_limit(limits.max_connections, limits.max_upstream_idle_connections)
-        sock = _listening_socket(server.host, server.port)
+        try:
+            sock = _listening_socket(server.host, server.port)
+        except OSError as exc:
+            raise StartError(_listen_problem(server.host, server.port, exc)) from exc
         self._port = int(sock.getsockname()[1])
         self._listener = Listener(sock, self._on_accept, cap=budget.max_connections)
         self.services.metrics.watch(self.services.keys, self.services.upstream, self._listener,
@@ -173,6 +104,59 @@ class App:
         finally:
             self._listener.closed()
 
+    # --- reload ------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the config and apply it; False (old config kept) if it is invalid."""
+        if self._reload_config is None:
+            log.warning("reload: no config source to re-read")
+            return False
+        try:
+            new = self._reload_config()
+        except ConfigError as exc:
+            log.error("reload refused; the running configuration stays in force:\n  - %s",
+                      "\n  - ".join(exc.problems))
+            return False
+        self.apply(new)
+        return True
+
+    def apply(self, new: Config) -> None:
+        old, services = self.config, self.services
+        for name in restart_only_changes(old, new):
+            log.warning("reload: %s changed; it takes effect after a restart", name)
+        before = {v.id for v in services.keys.snapshot()}
+        openrouter = new.openrouter
+        services.keys.reconfigure(key_list(new), strategy=openrouter.key_selection_strategy,
+                                  same="same" in openrouter.key_selection_opts)
+        services.configure(new)
+        services.attempts.settings = attempt_settings(new)
+        if upstream_changed(old, new):
+            retired = services.upstream
+            services.upstream = services.attempts.pool = make_upstream_pool(new)
+            retired.close()  # idle ones now; busy ones are closed when their request ends
+        if cache_changed(old, new):
+            retired_cache = services.models_cache
+            services.models_cache = make_models_cache(new, lambda: services.upstream)
+            self._retire(retired_cache.close())
+        if self._listener is not None:
+            self._listener.cap = fd_budget_now(new.limits.max_connections,
+                                               new.limits.max_upstream_idle_connections)
+        logging.getLogger().setLevel(new.server.log_level)
+        logging.getLogger("orproxy.access").setLevel(new.server.http_log_level)
+        self.config = new
+        self.saver.mark(urgent=True)
+        after = {v.id for v in services.keys.snapshot()}
+        log.info("reloaded: %d key(s) (%d added, %d removed); strategy %s",
+                 len(after), len(after - before), len(before - after),
+                 openrouter.key_selection_strategy)
+
+    def _retire(self, closing: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(closing)
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    # --- shutdown ----------------------------------------------------------------------------
+
     async def shutdown(self) -> None:
         grace = self.config.timeouts.shutdown_grace_seconds
         self.services.draining = True
@@ -196,14 +180,34 @@ class App:
         log.info("stopped")
 
     async def serve(self) -> None:
-        """Run until SIGTERM or SIGINT, then shut down gracefully."""
+        """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         await stop.wait()
         await self.shutdown()
+
+
+class StartError(Exception):
+    """The proxy cannot start; the message names the setting and what to do."""
+
+
+def _listen_problem(host: str, port: int, exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return (f"server.host {host!r} is not an address or a name this machine resolves "
+                f"({exc.strerror}); use e.g. 127.0.0.1, 0.0.0.0 or ::")
+    if exc.errno == 98:  # EADDRINUSE
+        return (f"server.port {port} on {host} is in use by another program: choose another "
+                f"port (server.port, or --port)")
+    if exc.errno == 99:  # EADDRNOTAVAIL
+        return f"server.host {host!r} is not an address of this machine"
+    if exc.errno == 13:  # EACCES
+        return (f"server.port {port} needs privileges (ports below 1024): choose a port "
+                f"from 1024 up (server.port, or --port)")
+    return f"cannot listen on {host}:{port} (server.host / server.port): {exc.strerror or exc}"
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:

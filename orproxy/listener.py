@@ -68,6 +68,12 @@ def raise_fd_limit(configured: int, upstream_idle: int) -> FdBudget:
     return budget
 
 
+def fd_budget_now(configured: int, upstream_idle: int) -> int:
+    """The connection cap under the open-file limit in force now (a reload)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return fd_budget(configured, upstream_idle, soft, soft).max_connections
+
+
 @dataclass(frozen=True)
 class ListenerSnapshot:
     active: int

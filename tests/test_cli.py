@@ -282,7 +282,8 @@ def test_port_in_use_fails_with_a_clear_message(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "cannot start" in result.stderr
-    assert "address already in use" in result.stderr.lower()
+    assert f"server.port {port} on 127.0.0.1 is in use by another program" in result.stderr
+    assert "--port" in result.stderr  # and what to do about it
 
 
 # --- graceful shutdown with a request in flight ------------------------------------------------

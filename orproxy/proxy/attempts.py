@@ -62,6 +62,7 @@ class Delivery:
     body: bytes
     ended: bool
     key: Key | None
+    pool: UpstreamPool  # where conn goes back (a reload may have replaced the pool since)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class AttemptLoop:
             tried.append(key)
             fallback = None
             if delivery.conn is not None:  # an error body too large to hold: drop it
-                self.pool.discard(delivery.conn)
+                delivery.pool.discard(delivery.conn)
             elif verdict.outcome in (Outcome.OVERLOADED, Outcome.BUSY):
                 fallback = delivery
             wait = self._wait_before_next(verdict)
@@ -197,23 +198,25 @@ class AttemptLoop:
             request_id=req.request_id,
             body_length=body_length,
         )
-        conn = await self.pool.acquire()
+        pool = self.pool
+        conn = await pool.acquire()
         try:
             try:
-                return await self._exchange(conn, req, headers, key)
+                return await self._exchange(conn, req, headers, key, pool)
             except UpstreamError as exc:
                 if not may_resend(conn, exc):
                     raise
                 # the upstream had closed this pooled connection: once more on a new one
-                self.pool.discard(conn)
-                conn = await self.pool.acquire(fresh=True)
-                return await self._exchange(conn, req, headers, key)
+                pool.discard(conn)
+                conn = await pool.acquire(fresh=True)
+                return await self._exchange(conn, req, headers, key, pool)
         except BaseException:
-            self.pool.discard(conn)
+            pool.discard(conn)
             raise
 
     async def _exchange(self, conn: UpstreamConnection, req: UpstreamRequest,
-                        headers: list[tuple[bytes, bytes]], key: Key | None) -> Delivery:
+                        headers: list[tuple[bytes, bytes]], key: Key | None,
+                        pool: UpstreamPool) -> Delivery:
         settings = self.settings
         await conn.send_request(req.method, req.target, headers, req.body,
                                 settings.write_timeout)
@@ -221,12 +224,12 @@ class AttemptLoop:
         response = await conn.receive_head(settings.first_byte_timeout)
         self._on_first_byte(time.monotonic() - sent)
         if response.status_code not in STATUSES_TO_CLASSIFY:
-            return Delivery(response, conn, b"", False, key)
+            return Delivery(response, conn, b"", False, key, pool)
         body, ended = await _read_ahead(conn, settings.idle_timeout)
         if ended:
-            self.pool.release(conn)
-            return Delivery(response, None, body, True, key)
-        return Delivery(response, conn, body, False, key)
+            pool.release(conn)
+            return Delivery(response, None, body, True, key, pool)
+        return Delivery(response, conn, body, False, key, pool)
 
 
 def _failure(exc: UpstreamError) -> str:

@@ -183,7 +183,7 @@ class Forwarder:
             await relay.start(send_head, delivery.body, delivery.ended)
             complete = True
         except UpstreamError as exc:
-            services.upstream.discard(conn)
+            delivery.pool.discard(conn)
             if client.can_respond:  # it failed before our head went out
                 log.warning("upstream failed rid=%s: %s", record.request_id.decode(),
                             exc.message)
@@ -193,14 +193,14 @@ class Forwarder:
                         record.request_id.decode(), exc.message)
             return After.ABORT
         except BaseException:
-            services.upstream.discard(conn)
+            delivery.pool.discard(conn)
             raise
         finally:
             relay.stop()
             record.sent_bytes = relay.sent
             services.metrics.bytes_sent(relay.sent)
             self._account(record, delivery.key, resp.status_code, scanner, complete)
-        services.upstream.release(conn)
+        delivery.pool.release(conn)
         return After.CLOSE if services.draining else After.KEEP_ALIVE
 
     def _scanner(self, resp: h11.Response) -> UsageScanner | InflatingScanner | None:

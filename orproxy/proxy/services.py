@@ -41,10 +41,15 @@ class Services:
     connections: set[Closable] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.access_key = self.config.server.access_key.encode()
-        self.public = frozenset(p.encode() for p in self.config.openrouter.public_endpoints)
-        self.base_path = self.config.openrouter.base_url.path.encode()
+        self.configure(self.config)
         self._probe: ProcessProbe | None = None
+
+    def configure(self, config: Config) -> None:
+        """Take a (reloaded) config and the values derived from it."""
+        self.config = config
+        self.access_key = config.server.access_key.encode()
+        self.public = frozenset(p.encode() for p in config.openrouter.public_endpoints)
+        self.base_path = config.openrouter.base_url.path.encode()
 
     @property
     def probe(self) -> ProcessProbe:
