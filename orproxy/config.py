@@ -9,10 +9,11 @@ settings carry their unit in the name.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -77,6 +78,7 @@ class ServerConfig:
     log_level: str = "INFO"
     http_log_level: str = "INFO"
     log_format: str = "text"
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed; ("*",) for any
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,17 @@ def _endpoint(v: Any) -> tuple[Any, str | None]:
     return None, "must be a path under /api/v1/ without a query"
 
 
+def _origin(v: Any) -> tuple[Any, str | None]:
+    """A browser origin (scheme://host[:port], no path) or "*"."""
+    if v == "*":
+        return v, None
+    parts = urlsplit(v) if isinstance(v, str) else None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or parts.path or parts.query or parts.fragment or parts.username):
+        return None, "must be an origin such as https://chat.example (no path) or \"*\""
+    return v.rstrip("/"), None
+
+
 def parse_origin(url: str) -> Origin:
     """Parse an http(s) base URL; raises ValueError with a readable reason."""
     parts = urlsplit(url)
@@ -290,6 +303,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Checker]]] = {
         "log_level": ("log_level", _choice(LOG_LEVELS, upper=True)),
         "http_log_level": ("http_log_level", _choice(LOG_LEVELS, upper=True)),
         "log_format": ("log_format", _choice(LOG_FORMATS)),
+        "cors_origins": ("cors_origins", _str_list(_origin)),
     },
     "openrouter": {
         "keys": ("keys", lambda v: (v, None)),  # checked on its own: positions, masking
@@ -336,6 +350,24 @@ SCHEMA: dict[str, dict[str, tuple[str, Checker]]] = {
 }
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+
+
+def _unknown(name: object, known: Collection[str]) -> str:
+    """An unknown setting name as a report may show it: a name-like word as it is, anything
+    else (a key pasted where a name goes) masked."""
+    if isinstance(name, str) and _NAME.fullmatch(name) and not name.startswith("sk"):
+        return name
+    return f"({shown(name)})"
+
+
+def _did_you_mean(name: object, known: Collection[str]) -> str:
+    if not isinstance(name, str):
+        return ""
+    close = difflib.get_close_matches(name.lower(), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _check_section(
     name: str, raw: Any, problems: list[str]
 ) -> dict[str, Any]:
@@ -349,7 +381,8 @@ def _check_section(
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in spec:
-            problems.append(f"{name}.{key}: unknown setting")
+            problems.append(f"{name}.{_unknown(key, spec)}: unknown setting"
+                            f"{_did_you_mean(key, spec)}")
             continue
         attr, check = spec[key]
         parsed, problem = check(value)
@@ -373,7 +406,7 @@ def _check_keys(raw: Any, where: str, problems: list[str]) -> tuple[UpstreamKey,
         if isinstance(item, dict):
             unknown = set(item) - {"key", "account"}
             if unknown:
-                names = ", ".join(sorted(map(str, unknown)))
+                names = ", ".join(sorted(_unknown(name, ("key", "account")) for name in unknown))
                 problems.append(f"{path}: unknown setting(s) {names}")
             account = item.get("account")
             if account is not None and not isinstance(account, str):
@@ -427,7 +460,8 @@ def build_config(raw: Any, env: Mapping[str, str]) -> Config:
         raise ConfigError([f"(top level): must be a mapping, got {type(raw).__name__}"])
     for name in raw:
         if name not in SCHEMA:
-            problems.append(f"{name}: unknown section")
+            problems.append(f"{_unknown(name, SCHEMA)}: unknown section"
+                            f"{_did_you_mean(name, SCHEMA)}")
     sections = {name: _check_section(name, raw.get(name), problems) for name in SCHEMA}
 
     server, openrouter = sections["server"], sections["openrouter"]

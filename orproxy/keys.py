@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import random
+import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,15 @@ def mask_key(key: str) -> str:
         return f"…({len(key)} chars)"
     prefix = KEY_PREFIX if key.startswith(KEY_PREFIX) else key[:3]
     return f"{prefix}…{key[-4:]}"
+
+
+_KEY_LIKE = re.compile(r"sk-or-[A-Za-z0-9_\-]*", re.IGNORECASE)
+
+
+def scrub(text: str) -> str:
+    """Upstream words with anything key-like masked: an error message may quote the key it
+    refused, and those words are logged, shown and saved."""
+    return _KEY_LIKE.sub(lambda m: mask_key(m.group()), text) if "sk-" in text.lower() else text
 
 
 def key_id(key: str) -> str:
@@ -279,10 +289,10 @@ class KeyPool:
                 k.free_until = until
             else:
                 k.cooling_until = until
-            k.reason, k.message = reason, message
+            k.reason, k.message = scrub(reason), scrub(message)
             k._resting = True
             self._next_return = min(self._next_return, until)
-            self._emit(KeyEvent(Change.RESTED, k.id, k.masked, k.account, reason, message,
+            self._emit(KeyEvent(Change.RESTED, k.id, k.masked, k.account, k.reason, k.message,
                                 seconds, self.wall() + seconds, free_only, account_wide))
         return rested
 
@@ -291,9 +301,10 @@ class KeyPool:
         if key.disabled:
             return
         key.disabled, key.disabled_at = True, self.wall()
-        key.reason, key.message = reason, message
+        key.reason, key.message = scrub(reason), scrub(message)
         key._resting = False
-        self._emit(KeyEvent(Change.DISABLED, key.id, key.masked, key.account, reason, message))
+        self._emit(KeyEvent(Change.DISABLED, key.id, key.masked, key.account, key.reason,
+                            key.message))
 
     def learn_account(self, key: Key, account: str) -> None:
         """An account OpenRouter told us (``creator_user_id``); a configured one wins."""
@@ -343,7 +354,7 @@ class KeyPool:
         else:
             stats.errors += 1
         stats.errors_by_kind[kind] = stats.errors_by_kind.get(kind, 0) + 1
-        stats.last_error, stats.last_error_at = text[:200], self.wall()
+        stats.last_error, stats.last_error_at = scrub(text[:200]), self.wall()
 
     def record_success(self, key: Key) -> None:
         key.stats.successes += 1

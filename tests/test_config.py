@@ -281,7 +281,8 @@ def test_several_problems_are_reported_together() -> None:
          "limits.max_header_count: must be between 8 and 1000, got 1001"),
         ("timeouts", {"keepalive_seconds": 0},
          "timeouts.keepalive_seconds: must be between 0.001 and 86400, got 0"),
-        ("timeouts", {"keepalive": 5}, "timeouts.keepalive: unknown setting"),
+        ("timeouts", {"keepalive": 5},
+         "timeouts.keepalive: unknown setting (did you mean 'keepalive_seconds'?)"),
         ("retry", {"deadline_seconds": "1m"},
          "retry.deadline_seconds: must be a number of seconds, got '1m'"),
         ("requestProxy", {"enabled": "yes"}, "requestProxy.enabled: must be true or false, "
@@ -582,3 +583,20 @@ def test_secrets_are_not_echoed_in_problems() -> None:
 def test_delay_alias_set_twice_is_a_problem() -> None:
     problems = problems_of(minimal(openrouter={"google_rate_delay": 1, "global_rate_delay": 2}))
     assert problems == ["openrouter.global_rate_delay: an alias of google_rate_delay; set one"]
+
+
+def test_unknown_names_suggest_the_closest_known_one() -> None:
+    problems = problems_of(minimal(server={"prot": 8080}, openrouter={"rate_limit_cooldwn": 5},
+                                   limts={"max_body_bytes": 1}))
+    assert problems == [
+        "limts: unknown section (did you mean 'limits'?)",
+        "server.prot: unknown setting (did you mean 'port'?)",
+        "openrouter.rate_limit_cooldwn: unknown setting (did you mean 'rate_limit_cooldown'?)",
+    ]
+
+
+def test_a_key_pasted_where_a_name_goes_is_masked() -> None:
+    problems = problems_of(minimal(server={K0: True}, **{K0: "primary"}))
+    assert len(problems) == 2
+    for problem in problems:
+        assert K0 not in problem and K0[-12:] not in problem, problem

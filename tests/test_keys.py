@@ -543,3 +543,17 @@ def test_pool_follows_the_model(
                   KeyState.COOLING if m.until[j] > m.now else KeyState.AVAILABLE
                   for j in range(n)]
         assert [v.state for v in pool.snapshot()] == states
+
+
+def test_upstream_words_quoting_a_key_are_scrubbed_wherever_they_are_kept() -> None:
+    pool = make_pool(2)
+    k0, k1 = handles(pool)
+    words = f"invalid key {K0} (also {K1.upper()})"
+    pool.disable(k0, "401 invalid key", words)
+    pool.cool_down(k1, 10, "429 x", message=words)
+    pool.record_in_band_error(k1, 429, words)
+    for view in pool.snapshot():
+        for text in (view.message, view.stats.last_error):
+            assert K0 not in text and K1 not in text and K1.upper() not in text
+            assert K0[-12:] not in text
+    assert pool.snapshot()[0].message.startswith(f"invalid key {mask_key(K0)} (also ")

@@ -187,7 +187,7 @@ class AttemptLoop:
             keys.cool_down(key, settings.credit_cooldown if seconds is None else seconds,
                            verdict.reason, account_wide=account_wide, message=verdict.message)
         elif verdict.outcome is Outcome.KEY_INVALID:
-            keys.disable(key, verdict.reason)
+            keys.disable(key, verdict.reason, verdict.message)
 
     async def _attempt(self, req: UpstreamRequest, key: Key | None) -> Delivery:
         body_length = sum(map(len, req.body)) if req.send_length else None

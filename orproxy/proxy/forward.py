@@ -22,7 +22,7 @@ from orproxy.http.auth import check_access
 from orproxy.http.client_conn import ClientConnection
 from orproxy.http.routing import Route
 from orproxy.http.validate import BodyFraming
-from orproxy.keys import Key
+from orproxy.keys import Key, scrub
 from orproxy.observe.usage import BodySummary, InflatingScanner, UsageScanner, scanner_for
 from orproxy.proxy.attempts import Delivery, UpstreamRequest
 from orproxy.proxy.local import After, error_answer, refuse
@@ -248,7 +248,7 @@ class Forwarder:
                 f"in-band error {error.code}" if error.code else "in-band error")
             keys.record_in_band_error(key, error.code, reason)
             log.warning("in-band error rid=%s key=%s code=%s: %s", record.request_id.decode(),
-                        key.id, error.code, error.message[:200])
+                        key.id, error.code, scrub(error.message[:200]))
         elif complete and 200 <= status < 300:
             keys.record_success(key)
 
