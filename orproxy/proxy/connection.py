@@ -25,12 +25,13 @@ from orproxy.errors import (
     StreamTimeout,
 )
 from orproxy.headers import client_request_id
+from orproxy.http import cors
 from orproxy.http.client_conn import ClientConnection
 from orproxy.http.routing import RouteKind, route
 from orproxy.http.validate import check_request_head
 from orproxy.observe.logs import request_id
-from orproxy.proxy.forward import Forwarder
-from orproxy.proxy.local import After, LocalPages, error_answer
+from orproxy.proxy.forward import Forwarder, is_preflight
+from orproxy.proxy.local import After, LocalPages, error_answer, preflight
 from orproxy.proxy.record import Outcome, RequestRecord, new_request_id
 from orproxy.proxy.services import Services
 from orproxy.stream import Stream
@@ -148,6 +149,14 @@ class ConnectionLoop:
                 max_target_bytes=limits.max_target_bytes)
             target = route(request.target, services.public)
             record.route = target.label
+            origins = services.config.server.cors_origins
+            if origins:
+                origin = cors.allowed_origin(origins, request.headers)
+                record.cors = cors.response_headers(origin) if origin else []
+                if is_preflight(request) and target.kind is not RouteKind.BAD_TARGET:
+                    bodiless = client.end_if_bodiless(framing)
+                    return preflight(client, request, record, origins,
+                                     close=not bodiless or services.draining)
             if target.kind is not RouteKind.FORWARD:
                 after = self._local.answer(client, request, framing, target, record)
             elif self.reserve:

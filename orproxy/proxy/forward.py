@@ -18,6 +18,7 @@ import h11
 
 from orproxy.errors import ClientRequestError, NoKeyAvailable, UpstreamError
 from orproxy.headers import Headers, client_response_headers, only_decodable_codings
+from orproxy.http import cors
 from orproxy.http.auth import check_access
 from orproxy.http.client_conn import ClientConnection
 from orproxy.http.routing import Route
@@ -137,6 +138,8 @@ class Forwarder:
                                   [(b"Content-Length", str(length).encode())]),
                 request_id=record.request_id, close=services.draining)
             status, body = answer.status, answer.body
+        if record.cors:
+            headers = cors.without_cors(headers) + record.cors
         events: list[h11.Event] = [h11.Response(status_code=status, headers=headers)]
         if body and not head_only:
             events.append(h11.Data(data=body))
@@ -157,6 +160,8 @@ class Forwarder:
         headers = client_response_headers(resp.headers.raw_items(),
                                           request_id=record.request_id,
                                           close=services.draining)
+        if record.cors:
+            headers = cors.without_cors(headers) + record.cors
         scanner = self._scanner(resp)
 
         def send_head(body: bytes, ended: bool) -> None:

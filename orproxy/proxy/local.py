@@ -16,6 +16,7 @@ import h11
 from orproxy import __version__
 from orproxy.errors import Answer, ClientRequestError, answer_for, error_body, whole_seconds
 from orproxy.headers import Headers, local_response_headers
+from orproxy.http import cors
 from orproxy.http.auth import check_access
 from orproxy.http.client_conn import ClientConnection
 from orproxy.http.routing import Route, RouteKind
@@ -43,7 +44,8 @@ class After(enum.Enum):
 def respond(client: ClientConnection, record: RequestRecord, status: int, ctype: bytes,
             body: bytes, *, close: bool, extra: Headers | None = None,
             head_only: bool = False) -> None:
-    headers = local_response_headers(ctype, record.request_id, close=close, extra=extra)
+    headers = local_response_headers(ctype, record.request_id, close=close,
+                                     extra=(extra or []) + record.cors)
     headers.append((b"Content-Length", str(len(body)).encode()))
     events: list[h11.Event] = [h11.Response(status_code=status, headers=headers)]
     if body and not head_only:
@@ -70,6 +72,20 @@ def respond_error(client: ClientConnection, record: RequestRecord, answer: Answe
 def refuse(client: ClientConnection, record: RequestRecord, status: int, message: str, *,
            close: bool, extra: Headers | None = None) -> After:
     return respond_error(client, record, Answer(status, message, extra or []), close=close)
+
+
+def preflight(client: ClientConnection, request: h11.Request, record: RequestRecord,
+              origins: tuple[str, ...], *, close: bool) -> After:
+    """A CORS preflight answered here: 204 with what the origin may do, or 403."""
+    origin = cors.allowed_origin(origins, request.headers)
+    if origin is None:
+        return refuse(client, record, 403, "origin not allowed (server.cors_origins)",
+                      close=close)
+    headers = local_response_headers(b"text/plain", record.request_id, close=close,
+                                     extra=cors.preflight_headers(origin, request.headers))
+    record.status, record.outcome = 204, Outcome.LOCAL
+    client.send(h11.Response(status_code=204, headers=headers), h11.EndOfMessage())
+    return After.LINGER if close else After.KEEP_ALIVE
 
 
 class LocalPages:

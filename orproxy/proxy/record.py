@@ -52,6 +52,7 @@ class RequestRecord:
     completion_tokens: int = 0
     cost: float = 0.0
     attempts: list[Attempt] = field(default_factory=list)
+    cors: list[tuple[bytes, bytes]] = field(default_factory=list)  # for an allowed Origin
     started: float = field(default_factory=time.monotonic)
 
     @property
