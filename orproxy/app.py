@@ -64,7 +64,7 @@ class App:
             sock = _listening_socket(server.host, server.port)
         except OSError as exc:
             raise StartError(_listen_problem(server.host, server.port, exc)) from exc
-        self._port = int(sock.getsockname()[1])
+        self._port = self.services.listen_port = int(sock.getsockname()[1])
         self._listener = Listener(sock, self._on_accept, cap=budget.max_connections)
         self.services.metrics.watch(self.services.keys, self.services.upstream, self._listener,
                                     self.services.models)

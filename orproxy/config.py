@@ -501,23 +501,79 @@ def build_config(raw: Any, env: Mapping[str, str]) -> Config:
     )
 
 
-def load_config(path: str | None, env: Mapping[str, str]) -> Config:
-    """Read ``path`` (default ``./config.yml``) and apply the environment.
+ENV_SETTINGS = {"OPENROUTER_KEYS": "openrouter.keys", "ORPROXY_ACCESS_KEY": "server.access_key",
+                "ORPROXY_STATE_FILE": "state.file"}
+Flags = Mapping[str, Mapping[str, Any]]  # section -> setting -> value, from the command line
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A config with where it came from: the file read (None if none) and, per setting
+    given anywhere, its source ("file", "environment (VAR)", "command line")."""
+
+    config: Config
+    path: str | None
+    sources: Mapping[str, str]
+
+
+def load_config(path: str | None, env: Mapping[str, str], flags: Flags | None = None,
+                ) -> Config:
+    return load(path, env, flags).config
+
+
+def load(path: str | None, env: Mapping[str, str], flags: Flags | None = None) -> Loaded:
+    """Read ``path`` (default ``./config.yml``), then apply the environment, then the
+    command-line flags.
 
     The default file may be missing when the environment carries the keys and access key;
     a path given explicitly must exist.
     """
     explicit = path is not None
     path = path or "config.yml"
+    used: str | None = path
     try:
         with open(path, "rb") as f:  # bytes: PyYAML reports a bad encoding as a YAMLError
             raw = yaml.safe_load(f)
     except FileNotFoundError:
         if explicit:
             raise ConfigError([f"{path}: no such file"]) from None
-        raw = {}
+        if not (env.get("OPENROUTER_KEYS") or env.get("ORPROXY_ACCESS_KEY")):
+            raise ConfigError([
+                f"no configuration: no --config given and no config.yml in "
+                f"{os.path.abspath('.')}; copy config.yml.example to config.yml and edit it "
+                "(or pass --config PATH), or set OPENROUTER_KEYS and ORPROXY_ACCESS_KEY"
+            ]) from None
+        raw, used = {}, None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a config file"]) from None
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
-    return build_config(raw, env)
+    sources = _file_sources(raw)
+    if flags:
+        raw = dict(raw) if isinstance(raw, dict) else raw
+        for section, values in flags.items():
+            if isinstance(raw, dict):
+                merged = raw.get(section)
+                raw[section] = {**(merged if isinstance(merged, dict) else {}), **values}
+            for name in values:
+                sources[f"{section}.{name}"] = "command line"
+    for var, setting in ENV_SETTINGS.items():
+        if env.get(var, "").strip():
+            sources[setting] = f"environment ({var})"
+    return Loaded(build_config(raw, env), used, sources)
+
+
+def _file_sources(raw: Any) -> dict[str, str]:
+    """Settings the file gives, by their field name (an alias counts for its setting)."""
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for section, values in raw.items():
+        spec = SCHEMA.get(section, {}) if isinstance(section, str) else {}
+        if isinstance(values, dict):
+            for name in values:
+                field_name = spec[name][0] if name in spec else name
+                out[f"{section}.{field_name}"] = "file"
+    return out

@@ -195,3 +195,17 @@ class FakeOpenRouter:
                                 bytes(body), conn_id)
             elif isinstance(event, h11.ConnectionClosed):
                 return None
+
+
+def key_info(*, label: str = "main", account: str = "user_1", limit: float | None = None,
+             remaining: float | None = None, free_left: int = 50,
+             expires_at: str | None = None) -> dict[str, Any]:
+    """A ``GET /api/v1/key`` answer, as OpenRouter shapes it."""
+    return {"data": {
+        "label": label, "limit": limit, "limit_remaining": remaining, "limit_reset": "daily",
+        "usage": 1.25, "usage_daily": 0.5, "usage_weekly": 0.75, "usage_monthly": 1.0,
+        "is_free_tier": False, "expires_at": expires_at, "creator_user_id": account,
+        "free_model_daily_requests": {"used": 1000 - free_left, "limit": 1000,
+                                      "remaining": free_left},
+        "rate_limit": {"requests": -1, "interval": "10s"},
+    }}

@@ -581,3 +581,11 @@ async def test_access_log_counts_local_response_bytes(
     lines = [r.getMessage() for r in caplog.records if r.name == "orproxy.access"]
     assert len(lines) == 1
     assert f"bytes={len(resp.body)}" in lines[0]
+
+
+@pytest.mark.parametrize("target", [b"/", b"/v1/chat/completions", b"/chat/completions"])
+async def test_a_miss_of_the_base_url_names_the_right_one(proxy: App, target: bytes) -> None:
+    resp = await get(proxy.port, target, [AUTH])
+    assert resp.status == 404
+    message = error_of(resp, 404)["message"]
+    assert f"http://127.0.0.1:{proxy.port}/api/v1" in message

@@ -26,6 +26,8 @@ import httpx
 import pytest
 import yaml
 
+from orproxy import __version__
+from orproxy.keys import key_id, mask_key
 from tests import procs
 from tests.conftest import ACCESS_KEY, KEYS
 from tests.fakeor import FakeOpenRouter, Recorded, Responder
@@ -151,7 +153,7 @@ def test_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
 def test_config_path_that_is_a_directory_is_a_config_error(tmp_path: Path) -> None:
     result = run_cli("--config", str(tmp_path), "--check", cwd=tmp_path)
     assert result.returncode == 2
-    assert problems(result.stderr) == [f"{tmp_path}: cannot read (Is a directory)"]
+    assert problems(result.stderr) == [f"{tmp_path}: is a directory, not a config file"]
     assert "Traceback" not in result.stderr
 
 
@@ -162,7 +164,17 @@ def test_config_that_is_not_a_mapping_is_a_config_error(tmp_path: Path) -> None:
     assert problems(result.stderr) == ["(top level): must be a mapping, got list"]
 
 
-def test_no_config_and_no_env_lists_what_is_missing(tmp_path: Path) -> None:
+def test_no_config_and_no_env_says_where_it_looked(tmp_path: Path) -> None:
+    result = run_cli("--check", cwd=tmp_path)
+    assert result.returncode == 2
+    [found] = problems(result.stderr)
+    assert found.startswith(f"no configuration: no --config given and no config.yml in "
+                            f"{tmp_path.resolve()}")
+    assert "config.yml.example" in found and "OPENROUTER_KEYS" in found
+
+
+def test_an_empty_config_lists_what_is_missing(tmp_path: Path) -> None:
+    write_config(tmp_path / "config.yml", "{}\n")
     result = run_cli("--check", cwd=tmp_path)
     assert result.returncode == 2
     found = problems(result.stderr)
@@ -180,15 +192,31 @@ def test_check_on_a_good_config(tmp_path: Path) -> None:
     })
     result = run_cli("--config", str(config), "--check", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "configuration OK: 2 key(s)\n"
     assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"orproxy {__version__}: configuration OK ({config})"
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:] if line.startswith("  ")
+            and not line.startswith("    ")}
+    assert rows["server.port"] == ["8080", "file"]
+    assert rows["server.host"] == ["127.0.0.1", "default"]
+    assert rows["server.access_key"] == ["(set,", f"{len(ACCESS_KEY)}", "characters)", "file"]
+    assert rows["openrouter.google_rate_delay"] == ["1.5", "file"]  # given by its alias
+    assert rows["openrouter.key_selection_strategy"] == ["first", "file"]
+    assert f"    {key_id(KEYS[1])}  {mask_key(KEYS[1])}  account acct" in lines
+    assert ACCESS_KEY not in result.stdout and all(k not in result.stdout for k in KEYS)
 
 
 def test_check_from_the_environment_only(tmp_path: Path) -> None:
     env = clean_env(OPENROUTER_KEYS=",".join(KEYS), ORPROXY_ACCESS_KEY=ACCESS_KEY)
-    result = run_cli("--check", cwd=tmp_path, env=env)  # no ./config.yml here
+    result = run_cli("check", "--port", "6001", cwd=tmp_path, env=env)  # no ./config.yml
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "configuration OK: 3 key(s)\n"
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("configuration OK (no file (environment only))")
+    assert any(line.split()[:2] == ["server.port", "6001"] and line.endswith("command line")
+               for line in lines)
+    assert any(line.startswith("  server.access_key") and
+               line.endswith("environment (ORPROXY_ACCESS_KEY)") for line in lines)
+    assert "  3 key(s):" in lines
 
 
 # --- running ---------------------------------------------------------------------------------

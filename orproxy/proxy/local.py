@@ -106,7 +106,8 @@ class LocalPages:
         if kind is RouteKind.BAD_TARGET:
             raise ClientRequestError(400, "invalid request target")
         if kind is RouteKind.NOT_FOUND:
-            return refuse(client, record, 404, "not found", close=close)
+            return refuse(client, record, 404, f"not found: the API is at {self._base_url()} "
+                          "(e.g. POST /api/v1/chat/completions)", close=close)
         if request.method not in (b"GET", b"HEAD"):
             return refuse(client, record, 405, "method not allowed", close=close,
                           extra=[(b"Allow", b"GET, HEAD")])
@@ -119,6 +120,13 @@ class LocalPages:
         respond(client, record, status, ctype, body, close=close, extra=extra,
                 head_only=request.method == b"HEAD")
         return After.LINGER if close else After.KEEP_ALIVE
+
+    def _base_url(self) -> str:
+        """The base URL clients should use: a /v1/… or / request missed it."""
+        host = self._services.config.server.host
+        host = "localhost" if host in ("", "0.0.0.0", "::") else host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self._services.listen_port}/api/v1"
 
     def _content(self, kind: RouteKind, request: h11.Request,
                  ) -> tuple[int, bytes, bytes, Headers]:

@@ -38,6 +38,7 @@ class Services:
     started: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     draining: bool = False
+    listen_port: int = 0
     connections: set[Closable] = field(default_factory=set)
 
     def __post_init__(self) -> None:
