@@ -67,8 +67,9 @@ async def probe(config: Config) -> tuple[list[str], bool]:
     pool = make_upstream_pool(config)
     origin = config.openrouter.base_url
     timeouts = config.timeouts
-    rows: list[tuple[str, ...]] = [("id", "key", "label", "account", "limit left", "resets", "used today",
-             "free tier", "free left today", "expires", "problem")]
+    rows: list[tuple[str, ...]] = [("id", "key", "label", "account", "limit left", "resets",
+                                     "used today", "free tier", "free left today", "expires",
+                                     "problem")]
     usable = True
     try:
         for key in config.openrouter.keys:

@@ -336,12 +336,16 @@ class KeyPool:
     def record_attempt(self, key: Key, outcome: str, status: int) -> None:
         """One upstream attempt with ``key`` ended: ``outcome`` as the attempt loop names
         it ("ok", "key_limited", "timeout" …), ``status`` its HTTP status (0 if none)."""
-        key.stats.requests += 1
+        stats = key.stats
+        stats.requests += 1
         if outcome == "ok" and status < 400:
             return
+        if outcome in ("overloaded", "busy"):  # the upstream's capacity, not this key's
+            stats.errors_by_kind[outcome] = stats.errors_by_kind.get(outcome, 0) + 1
+            return
         kind = str(status) if status else outcome
-        self._error(key.stats, kind, f"{status} {outcome}" if status else outcome,
-                    limited=status == 429)
+        text = f"{status} {outcome}" if status and outcome != "ok" else kind
+        self._error(stats, kind, text, limited=status == 429)
 
     def record_in_band_error(self, key: Key, code: int | None, reason: str) -> None:
         """An error inside a 200 (a JSON body or a stream event)."""

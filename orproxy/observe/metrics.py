@@ -112,7 +112,8 @@ class Metrics:
         pair[0]()
         pair[1](seconds)
         self._request_count += 1
-        self.series.record(time.time(), status, seconds)
+        if route == "forward":  # the charts show traffic, not the dashboard's own polls
+            self.series.record(time.time(), status, seconds)
 
     def attempt(self, outcome: str) -> None:
         inc = self._attempt_children.get(outcome)
