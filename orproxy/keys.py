@@ -333,7 +333,7 @@ class KeyPool:
 
     # --- accounting ----------------------------------------------------------------------------
 
-    def record_attempt(self, key: Key, outcome: str, status: int) -> None:
+    def record_attempt(self, key: Key, outcome: str, status: int, reason: str = "") -> None:
         """One upstream attempt with ``key`` ended: ``outcome`` as the attempt loop names
         it ("ok", "key_limited", "timeout" …), ``status`` its HTTP status (0 if none)."""
         stats = key.stats
@@ -342,9 +342,10 @@ class KeyPool:
             return
         if outcome in ("overloaded", "busy"):  # the upstream's capacity, not this key's
             stats.errors_by_kind[outcome] = stats.errors_by_kind.get(outcome, 0) + 1
+            stats.last_error, stats.last_error_at = scrub(reason or outcome), self.wall()
             return
         kind = str(status) if status else outcome
-        text = f"{status} {outcome}" if status and outcome != "ok" else kind
+        text = reason or (f"{status} {outcome}" if status and outcome != "ok" else kind)
         self._error(stats, kind, text, limited=status == 429)
 
     def record_in_band_error(self, key: Key, code: int | None, reason: str) -> None:

@@ -122,14 +122,14 @@ class AttemptLoop:
             try:
                 delivery = await self._attempt(req, key)
             except UpstreamError as exc:
-                self._trace(trace, req, key, _failure(exc), 0, started)
+                self._trace(trace, req, key, _failure(exc), 0, started, exc.public_message)
                 if exc.stage is Stage.CONNECT and self._budget_left(trace, deadline):
                     wait = 0.0
                     continue
                 raise
             verdict = self._verdict(delivery, key)
             self._trace(trace, req, key, verdict.outcome.value,
-                        delivery.response.status_code, started)
+                        delivery.response.status_code, started, verdict.reason)
             if not verdict.retry or not self._budget_left(trace, deadline):
                 return delivery
             assert key is not None
@@ -152,13 +152,13 @@ class AttemptLoop:
         return self.settings.overload_delay
 
     def _trace(self, trace: list[Attempt], req: UpstreamRequest, key: Key | None,
-               outcome: str, status: int, started: float) -> None:
+               outcome: str, status: int, started: float, reason: str = "") -> None:
         attempt = Attempt(key.id if key is not None else "-", outcome,
                           self.keys.clock() - started)
         trace.append(attempt)
         self._on_attempt(outcome)
         if key is not None:
-            self.keys.record_attempt(key, outcome, status)
+            self.keys.record_attempt(key, outcome, status, reason)
         log.log(logging.DEBUG if outcome == "ok" else logging.INFO,
                 "attempt rid=%s n=%d key=%s outcome=%s ms=%.1f", req.request_id.decode(),
                 len(trace), attempt.key_id, outcome, attempt.seconds * 1000)
