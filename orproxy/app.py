@@ -25,9 +25,11 @@ from orproxy.assemble import (
     key_list,
     log_key_event,
     make_models_cache,
+    make_sticky,
     make_upstream_pool,
     open_state,
     restart_only_changes,
+    sticky_changed,
     upstream_changed,
 )
 from orproxy.config import Config, ConfigError
@@ -114,8 +116,11 @@ class App:
         try:
             new = self._reload_config()
         except ConfigError as exc:
-            log.error("reload refused; the running configuration stays in force:\n  - %s",
-                      "\n  - ".join(exc.problems))
+            # one line each: journald and line-based tools keep every problem at ERROR
+            log.error("reload refused; the running configuration stays in force "
+                      "(%d problem(s))", len(exc.problems))
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem)
             return False
         self.apply(new)
         return True
@@ -130,6 +135,8 @@ class App:
                                   same="same" in openrouter.key_selection_opts)
         services.configure(new)
         services.attempts.settings = attempt_settings(new)
+        if sticky_changed(old, new):
+            services.attempts.sticky = make_sticky(new)
         if upstream_changed(old, new):
             retired = services.upstream
             services.upstream = services.attempts.pool = make_upstream_pool(new)

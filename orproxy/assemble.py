@@ -20,6 +20,7 @@ from orproxy.proxy.attempts import AttemptLoop, AttemptSettings
 from orproxy.proxy.fetch import fetch_whole
 from orproxy.proxy.models_cache import Fetched, ModelsCache
 from orproxy.proxy.services import Services
+from orproxy.proxy.sticky import StickyMap
 from orproxy.state import FileStore, MemoryStore, Snapshot, StateSaver, StateStore
 from orproxy.state.keys import from_snapshot, to_records
 from orproxy.stream import Stream
@@ -49,6 +50,20 @@ def make_key_pool(config: Config) -> KeyPool:
 
 def key_list(config: Config) -> list[tuple[str, str | None]]:
     return [(k.key, k.account) for k in config.openrouter.keys]
+
+
+def make_sticky(config: Config) -> StickyMap | None:
+    openrouter = config.openrouter
+    if not openrouter.sticky_sessions:
+        return None
+    return StickyMap(ttl_seconds=openrouter.sticky_ttl_seconds,
+                     capacity=openrouter.sticky_max_conversations)
+
+
+def sticky_changed(old: Config, new: Config) -> bool:
+    a, b = old.openrouter, new.openrouter
+    return ((a.sticky_sessions, a.sticky_ttl_seconds, a.sticky_max_conversations)
+            != (b.sticky_sessions, b.sticky_ttl_seconds, b.sticky_max_conversations))
 
 
 def make_upstream_pool(config: Config) -> UpstreamPool:
@@ -83,6 +98,7 @@ def attempt_settings(config: Config) -> AttemptSettings:
         default_cooldown=openrouter.rate_limit_cooldown,
         credit_cooldown=openrouter.credit_cooldown_seconds,
         overload_delay=openrouter.google_rate_delay,
+        commit_seconds=openrouter.stream_commit_seconds,
     )
 
 
@@ -118,6 +134,7 @@ def build_services(config: Config) -> Services:
     metrics = Metrics(system=config.metrics.enable_system_metrics)
     attempts = AttemptLoop(pool, keys, attempt_settings(config), on_attempt=metrics.attempt,
                            on_first_byte=metrics.first_byte)
+    attempts.sticky = make_sticky(config)
     models = ModelTally(allow=config.metrics.models, top_n=config.metrics.models_top_n)
     services: Services
     cache = make_models_cache(config, lambda: services.upstream)

@@ -95,6 +95,11 @@ class OpenRouterConfig:
     google_rate_delay: float = 0.0
     ca_file: str | None = None
     credit_cooldown_seconds: float = 3600.0
+    sticky_sessions: bool = True  # keep a conversation on the key it started on
+    sticky_ttl_seconds: float = 600.0  # forgotten after this long idle (as OpenRouter's)
+    sticky_max_conversations: int = 10000
+    stream_commit_seconds: float = 10.0  # hold a stream's head for its first event (0: off)
+    quota_check_seconds: float = 300.0  # ask OpenRouter about each key this often (0: off)
 
 
 @dataclass(frozen=True)
@@ -319,6 +324,11 @@ SCHEMA: dict[str, dict[str, tuple[str, Checker]]] = {
         "global_rate_delay": ("google_rate_delay", _seconds(0, 600)),
         "ca_file": ("ca_file", _ca_file),
         "credit_cooldown_seconds": ("credit_cooldown_seconds", _seconds()),
+        "sticky_sessions": ("sticky_sessions", _bool),
+        "sticky_ttl_seconds": ("sticky_ttl_seconds", _seconds(1.0, 86400.0)),
+        "sticky_max_conversations": ("sticky_max_conversations", _int(1, 10_000_000)),
+        "stream_commit_seconds": ("stream_commit_seconds", _seconds(0.0, 600.0)),
+        "quota_check_seconds": ("quota_check_seconds", _seconds(0.0, 86400.0)),
     },
     "requestProxy": {"enabled": ("enabled", _bool), "url": ("url", _opt_str)},
     "limits": {

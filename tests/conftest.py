@@ -74,7 +74,10 @@ def proxy_config(fake_port: int, ca_file: str, **overrides: Any) -> dict[str, An
                    "log_level": "WARNING", "http_log_level": "WARNING"},
         "openrouter": {"keys": KEYS, "base_url": f"https://127.0.0.1:{fake_port}/api/v1",
                        "ca_file": ca_file, "rate_limit_cooldown": 60,
-                       "enable_cache": False},  # /models forwarded: a test opts in to the cache
+                       # each of these is tested where it is the subject; elsewhere off, so
+                       # the other tests see plain forwarding and round-robin
+                       "enable_cache": False, "sticky_sessions": False,
+                       "stream_commit_seconds": 0, "quota_check_seconds": 0},
         "state": {"file": None},  # key state in memory: a test opts in to a file
     }
     return merge(base, overrides)

@@ -103,7 +103,7 @@ async def ok_script(req: Recorded, resp: Responder) -> None:
     await resp.json(200, completion())
 
 
-def rate_limited_body(reset_ms: int, message: str = "Rate limit exceeded: free-models-per-min.",
+def rate_limited_body(reset_ms: int, message: str = "Rate limit exceeded.",
                       ) -> dict[str, Any]:
     return {"error": {"code": 429, "message": message, "metadata": {
         "headers": {"X-RateLimit-Limit": "20", "X-RateLimit-Remaining": "0",

@@ -298,9 +298,10 @@ async def get(port: int, target: bytes, headers: Iterable[tuple[bytes, bytes]] =
     return await roundtrip(port, b"\r\n".join(lines) + b"\r\n\r\n")
 
 
-async def relay(port: int, target: bytes, reply: Reply) -> Response:
+async def relay(port: int, target: bytes, reply: Reply, body: bytes | None = None,
+                ) -> Response:
     """Ask for ``reply`` (already queued) and check the client got it byte for byte."""
-    resp = await ask(port, target)
+    resp = await ask(port, target) if body is None else await ask(port, target, body)
     assert resp.status == reply.status, resp.body[:300]
     assert resp.body == reply.body
     assert resp.header(b"content-type") == reply.ctype
@@ -590,14 +591,15 @@ async def test_an_in_band_rate_limit_is_counted_and_rests_the_account(
     [stats] = [v.stats for v in app.services.keys.snapshot() if v.id == k0]
     assert stats.errors_by_kind == {"in_band_429": 1}
     assert stats.last_error and "free-models-per-day" in stats.last_error
-    # the whole account rests until OpenRouter's reset; the other account serves
+    # the whole account rests (for free models: it is a free-model limit) until
+    # OpenRouter's reset; the other account serves
     for kid in (k0, k1):
-        assert scraped.value("orproxy_key_state", key_id=kid, state="cooling") == 1
+        assert scraped.value("orproxy_key_state", key_id=kid, state="free_limited") == 1
         assert scraped.value("orproxy_key_rest_until_timestamp_seconds",
                              key_id=kid) == pytest.approx(reset / 1000, abs=2)
     assert scraped.value("orproxy_key_state", key_id=k2, state="available") == 1
     doc = keys_by_id(await metrics_json(app.port))
-    assert doc[k0]["state"] == "cooling" and doc[k0]["rate_limited"] == 1
+    assert doc[k0]["state"] == "free_limited" and doc[k0]["rate_limited"] == 1
     assert doc[k0]["rest_until"] == pytest.approx(reset / 1000, abs=2)
     assert doc[k0]["message"] == DAILY
 
@@ -611,10 +613,14 @@ async def test_an_in_band_rate_limit_is_counted_and_rests_the_account(
     assert any(n == "orproxy.proxy.forward" and "in-band error" in m and f"key={k0}" in m
                and "code=429" in m for n, m in warnings), warnings
 
-    ok = chat_json(GPT, Tokens(1, 1))
+    ok = chat_json(FREE, Tokens(1, 1))
     upstream.play(ok)
-    await relay(app.port, CHAT, ok)
-    assert upstream.keys == [k0, k2]  # k1 shares k0's account: it rests too
+    await relay(app.port, CHAT, ok, body=json.dumps({"model": FREE, "messages": []}).encode())
+    assert upstream.keys == [k0, k2]  # k1 shares k0's account: it rests too (for free models)
+    paid = chat_json(GPT, Tokens(1, 1))
+    upstream.play(paid)
+    await relay(app.port, CHAT, paid, body=json.dumps({"model": GPT, "messages": []}).encode())
+    assert upstream.keys[2] in (k0, k1)  # a paid model may use the account's keys again
 
 
 @pytest.mark.parametrize(("error", "kind", "limited"), [

@@ -212,7 +212,7 @@ async def test_openai_rate_limit_error_when_every_key_cools(
     assert isinstance(exc.body, dict)
     assert exc.body["code"] == 429
     assert exc.body["metadata"] == {"retry_after_seconds": 12,
-                                    "upstream_message": "Rate limit exceeded: free-models-per-min."}
+                                    "upstream_message": "Rate limit exceeded."}
     assert len(fake.requests) == 3
     # and once every key rests, the async client gets the same without any upstream call
     async with openai.AsyncOpenAI(base_url=base_url(proxy), api_key=ACCESS_KEY,

@@ -366,8 +366,8 @@ async def test_key_table_shows_each_configured_key_with_what_the_fake_served(
                                                       "reason", "message", "last_error")} == {
                 "state": "available", "rest_until": "—", "countdown": "", "reason": "—",
                 "message": "", "last_error": "—"}
-        cooling = cells[XSS]
-        assert cooling["state"] == "cooling"
+        cooling = cells[XSS]  # a free-model limit: it rests for free models only
+        assert cooling["state"] == "free models resting"
         assert cooling["reason"] == "429 free-models-per-day"
         assert cooling["message"] == DAILY_LIMIT
         assert re.fullmatch(r"in 1:[23]\d", cooling["countdown"]), cooling["countdown"]
@@ -381,7 +381,7 @@ async def test_key_table_shows_each_configured_key_with_what_the_fake_served(
         assert disabled["last_error"].startswith("401")
         states = await page.eval("[...document.querySelectorAll('#keys .pill')]"
                                  ".map(p => p.className)")
-        assert states == ["pill state-available", "pill state-cooling",
+        assert states == ["pill state-available", "pill state-free_limited",
                           "pill state-disabled", "pill state-available"]
         left = int(await page.eval(f"""document.querySelector("#keys tr[data-key-id='{
             key_id(KEYS[XSS][0])}'] [data-field=countdown]").dataset.seconds"""))
@@ -473,7 +473,7 @@ async def test_more_traffic_updates_the_numbers_without_a_reload(
         await page.wait_for("document.querySelector('#totals [data-field=requests]')"
                             f".textContent === '{count(upstream.total.requests)}'")
         await page.wait_for(f"""document.querySelector("#keys tr[data-key-id='{alice}']")
-            .dataset.state === 'cooling'""")
+            .dataset.state === 'free_limited'""")
         assert await page.eval("window.__marker") == "the same document"
         assert await refreshes(page) > before
         assert await field_texts(page, "#totals") == expected_totals(upstream)

@@ -160,14 +160,16 @@ async def upstream_traffic(client: Client, upstream: Upstream) -> None:
     # k2 is back: a stream whose last event is a free-models-per-day limit
     upstream.play(in_band_stream(limit_error(reset_ms(3600))))
     assert await client.post("in-band 429 stream", b'{"model":"%s"}' % FREE.encode()) == 200
-    assert await client.post("no key at all") == 429
+    # the free-model limit rests k2 for free models: a free-model request finds no key
+    assert await client.post("no key at all", b'{"model":"%s"}' % FREE.encode()) == 429
 
 
 async def local_traffic(client: Client, keys: list[str]) -> None:
     """The proxy's own pages, each way of asking."""
     access = client.access
-    assert await client.get("health", b"/health", auth=b"") == 503  # no key usable now
-    assert await client.get("health head", b"/health", auth=b"", method=b"HEAD") == 503
+    # k2 rests for free models only, the others are out: paid_only, still a 200
+    assert await client.get("health", b"/health", auth=b"") == 200
+    assert await client.get("health head", b"/health", auth=b"", method=b"HEAD") == 200
     assert await client.get("dashboard", b"/metrics") == 200
     assert await client.get("dashboard basic", b"/metrics", auth=basic(access)) == 200
     assert await client.get("metrics json", b"/metrics/json") == 200
@@ -270,8 +272,9 @@ async def test_no_key_and_no_access_key_in_anything_the_proxy_emits(
     assert len(problems) == 17, checked.stderr.decode()  # one per wrong field
 
     # the run did what it was meant to: every kind of answer, and DEBUG lines
-    assert set(client.statuses) == {200, 401, 400, 404, 405, 408, 413, 414, 417, 429, 431, 501,
-                                    502, 503, 505}
+    expected = {200, 401, 400, 404, 405, 408, 413, 414, 417, 429, 431, 501, 502, 505}
+    # /health may also say 503 while every key rests, depending on timing
+    assert expected <= set(client.statuses) <= expected | {503}
     assert b"DEBUG" in stderr and b"orproxy.access" in stderr
     assert b"key_disabled" in stderr or b"disabled: 401" in stderr
     assert stderr.count(b" rests ") == 3  # the 429, the 402, the in-band 429

@@ -111,6 +111,7 @@ def states(app: App) -> list[KeyState]:
 
 
 A, C, D = KeyState.AVAILABLE, KeyState.COOLING, KeyState.DISABLED
+F = KeyState.FREE_LIMITED
 
 
 # --- round robin and the key's own rate limit ----------------------------------------------
@@ -162,7 +163,7 @@ async def test_429_with_reset_in_body_cools_exactly_that_key(
     snap = views(proxy)
     assert [v.state for v in snap] == [C, A, A]
     assert 27.0 < snap[0].cooling_seconds <= 30.0
-    assert snap[0].reason == "429 free-models-per-min"
+    assert snap[0].reason == "429 rate limited"
     assert snap[1].cooling_seconds == 0.0 and snap[2].cooling_seconds == 0.0
     # later requests skip the cooled key and never see a 429
     for _ in range(4):
@@ -293,7 +294,7 @@ async def test_all_keys_cooling_gives_429_with_retry_after_of_soonest(
     assert isinstance(error["message"], str) and error["message"]
     # OpenRouter's own words on the last limit come along, so users see which limit it was
     assert error["metadata"] == {"retry_after_seconds": 10,
-                                 "upstream_message": "Rate limit exceeded: free-models-per-min."}
+                                 "upstream_message": "Rate limit exceeded."}
     assert used_keys(fake) == [0, 1, 2]
     assert states(proxy) == [C, C, C]
     # the next request is answered locally: nothing more goes upstream
@@ -616,7 +617,7 @@ async def test_account_wide_daily_limit_cools_every_key_of_the_account(
     assert json.loads(resp.body)["choices"][0]["message"]["content"] == "from key 2"
     assert used_keys(fake) == [0, 2]
     snap = views(app)
-    assert [v.state for v in snap] == [C, C, A]
+    assert [v.state for v in snap] == [F, F, A]  # resting for free models only
     assert [v.account for v in snap] == ["alice", "alice", "bob"]
     for v in snap[:2]:
         assert 497.0 < v.cooling_seconds <= 500.0
@@ -632,7 +633,7 @@ async def test_daily_limit_without_accounts_cools_only_that_key(
         reset_ms(30), message="Rate limit exceeded: free-models-per-day")))
     assert (await chat(proxy.port)).status == 200
     assert used_keys(fake) == [0, 1]
-    assert states(proxy) == [C, A, A]
+    assert states(proxy) == [F, A, A]
 
 
 async def test_per_model_limit_cools_only_that_key_of_the_account(
@@ -647,16 +648,17 @@ async def test_per_model_limit_cools_only_that_key_of_the_account(
     assert states(app) == [C, A, A]
 
 
-async def test_free_per_minute_limit_cools_every_key_of_the_account(
+async def test_free_per_minute_limit_rests_every_key_of_the_account_for_free_models(
     make_proxy: ProxyFactory, fake: FakeOpenRouter
 ) -> None:
     # free-model limits are per account (OPENROUTER.md): the other key of "alice" is skipped
     app = await make_proxy(openrouter={"keys": ACCOUNT_KEYS})
-    fake.script = per_key(limited_keys({0}, lambda i: rate_limited_body(reset_ms(30))))
+    message = "Rate limit exceeded: free-models-per-min."
+    fake.script = per_key(limited_keys({0}, lambda i: rate_limited_body(reset_ms(30), message)))
     resp = await chat(app.port)
     assert resp.status == 200
     assert used_keys(fake) == [0, 2]
-    assert states(app) == [C, C, A]
+    assert states(app) == [F, F, A]
 
 
 # --- transport failures and non-key errors ---------------------------------------------------

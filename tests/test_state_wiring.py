@@ -65,7 +65,7 @@ async def test_a_resting_key_rests_after_a_restart(fake: FakeOpenRouter, ca_file
     again = await start(fake, ca_file, state, KEYS[:2])
     try:
         view = again.services.keys.snapshot()[0]
-        assert view.state is KeyState.COOLING
+        assert view.state is KeyState.FREE_LIMITED  # a free-model limit, kept as one
         assert 3500 < view.cooling_seconds <= 3600
         assert view.reason == "429 free-models-per-day" and view.message == DAILY
         assert view.stats.requests == 1 and view.stats.rate_limited == 1

@@ -8,6 +8,7 @@ first view rather than at start.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from orproxy.observe.timeseries import Series
 from orproxy.upstream.pool import PoolSnapshot
 
 
+@functools.cache
 def page() -> bytes:
+    """The page, read once."""
     return resources.files("orproxy.observe").joinpath("dashboard.html").read_bytes()
 
 

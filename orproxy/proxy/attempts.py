@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import h11
 
@@ -27,7 +27,9 @@ from orproxy.errors import (
 )
 from orproxy.headers import upstream_request_headers
 from orproxy.keys import Key, KeyPool
+from orproxy.proxy.commit import Decision, FirstEvent
 from orproxy.proxy.record import Attempt
+from orproxy.proxy.sticky import StickyMap
 from orproxy.upstream.classify import STATUSES_TO_CLASSIFY, Outcome, Scope, Verdict, classify
 from orproxy.upstream.connection import UpstreamConnection, may_resend
 from orproxy.upstream.pool import UpstreamPool
@@ -63,6 +65,7 @@ class Delivery:
     ended: bool
     key: Key | None
     pool: UpstreamPool  # where conn goes back (a reload may have replaced the pool since)
+    early_error: tuple[int | None, bytes] | None = None  # a stream's error before content
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,12 @@ class AttemptSettings:
     default_cooldown: float
     credit_cooldown: float
     overload_delay: float
-    # free-model limits rest a key for free models only; needs to know which models are free
-    scope_free_rests: bool = False
+    # free-model limits rest a key for free models only (which models are free: the
+    # /models list, else the :free suffix)
+    scope_free_rests: bool = True
+    # hold a stream's head this long for its first event: an error before content fails
+    # over to the next key (0: commit at once)
+    commit_seconds: float = 0.0
 
 
 class AttemptLoop:
@@ -99,6 +106,9 @@ class AttemptLoop:
         self._on_first_byte = on_first_byte
         self._wall = wall
         self._sleep = sleep
+        self.sticky: StickyMap | None = None  # conversations kept on their key
+        self.sticky_moved = 0  # conversations whose key could not serve them
+        self.failed_over_early = 0  # stream errors before content sent to the next key
 
     async def run(self, req: UpstreamRequest, trace: list[Attempt]) -> Delivery:
         """The response to deliver; raises NoKeyAvailable or UpstreamError. Each attempt
@@ -107,10 +117,14 @@ class AttemptLoop:
         deadline = self.keys.clock() + self.settings.deadline_seconds
         fallback: Delivery | None = None  # an overload answer, if no other key is left
         wait = 0.0
+        prefer = self._conversation_key(req)
         while True:
             key = None
             if not req.public:
-                key = self.keys.acquire(exclude=tried, free=req.free)
+                key = self.keys.acquire(exclude=tried, free=req.free, prefer=prefer)
+                if prefer is not None and key is not None and key.id != prefer:
+                    self.sticky_moved += 1
+                prefer = None
                 if key is None:
                     if fallback is not None:
                         return fallback
@@ -131,15 +145,36 @@ class AttemptLoop:
             self._trace(trace, req, key, verdict.outcome.value,
                         delivery.response.status_code, started, verdict.reason)
             if not verdict.retry or not self._budget_left(trace, deadline):
+                self._keep_conversation(req, delivery, verdict)
                 return delivery
             assert key is not None
             tried.append(key)
             fallback = None
-            if delivery.conn is not None:  # an error body too large to hold: drop it
+            if delivery.early_error is not None:
+                # the stream failed before content: closing it stops the generation; if no
+                # key is left, the client gets the error event as the stream's end
+                self.failed_over_early += 1
+                if delivery.conn is not None:
+                    delivery.pool.discard(delivery.conn)
+                fallback = replace(delivery, conn=None, ended=True)
+            elif delivery.conn is not None:  # an error body too large to hold: drop it
                 delivery.pool.discard(delivery.conn)
             elif verdict.outcome in (Outcome.OVERLOADED, Outcome.BUSY):
                 fallback = delivery
             wait = self._wait_before_next(verdict)
+
+    def _conversation_key(self, req: UpstreamRequest) -> str | None:
+        if self.sticky is None or req.conversation is None or req.public:
+            return None
+        return self.sticky.get(req.conversation)
+
+    def _keep_conversation(self, req: UpstreamRequest, delivery: Delivery,
+                           verdict: Verdict) -> None:
+        """A conversation answered by a key stays on it while that key can serve."""
+        if (self.sticky is not None and req.conversation is not None
+                and delivery.key is not None and verdict.outcome is Outcome.OK
+                and delivery.response.status_code < 400 and delivery.early_error is None):
+            self.sticky.put(req.conversation, delivery.key.id)
 
     def _budget_left(self, trace: list[Attempt], deadline: float) -> bool:
         return len(trace) < self.settings.max_attempts and self.keys.clock() < deadline
@@ -165,9 +200,19 @@ class AttemptLoop:
 
     def _verdict(self, delivery: Delivery, key: Key | None) -> Verdict:
         status = delivery.response.status_code
-        if key is None or status not in STATUSES_TO_CLASSIFY:
+        if key is None:
             return Verdict(Outcome.OK)
-        verdict = classify(status, delivery.response.headers, delivery.body, self._wall())
+        if delivery.early_error is not None:
+            code, envelope = delivery.early_error
+            verdict = classify(code or 502, [], envelope, self._wall())
+            if verdict.outcome is Outcome.OK:  # a provider failure before any content:
+                verdict = Verdict(Outcome.OVERLOADED,  # another key may well succeed
+                                  reason=f"stream error {code or ''} before content".strip(),
+                                  message=verdict.message)
+        elif status in STATUSES_TO_CLASSIFY:
+            verdict = classify(status, delivery.response.headers, delivery.body, self._wall())
+        else:
+            return Verdict(Outcome.OK)
         self.apply(verdict, key)
         return verdict
 
@@ -224,12 +269,79 @@ class AttemptLoop:
         response = await conn.receive_head(settings.first_byte_timeout)
         self._on_first_byte(time.monotonic() - sent)
         if response.status_code not in STATUSES_TO_CLASSIFY:
+            if settings.commit_seconds > 0 and key is not None and _is_stream(response):
+                return await self._hold(conn, response, key, pool)
             return Delivery(response, conn, b"", False, key, pool)
         body, ended = await _read_ahead(conn, settings.idle_timeout)
         if ended:
             pool.release(conn)
             return Delivery(response, None, body, True, key, pool)
         return Delivery(response, conn, body, False, key, pool)
+
+
+    async def _hold(self, conn: UpstreamConnection, response: h11.Response, key: Key,
+                    pool: UpstreamPool) -> Delivery:
+        """Commit late: hold a 200 stream's head until its first real event (or the bound).
+        An error before any content may then still go to another key."""
+        holder = _FirstEventHold(conn)
+        conn.read_body(holder, self.settings.idle_timeout)
+        timer = asyncio.get_running_loop().call_later(self.settings.commit_seconds,
+                                                      holder.commit)
+        try:
+            await holder.done
+        finally:
+            timer.cancel()
+            if not holder.ended:
+                conn.stop_body()
+        body = b"".join(holder.parts)
+        watch = holder.watch
+        early = ((watch.error_status, watch.error_envelope or b"{}")
+                 if watch.decision is Decision.ERROR else None)
+        if holder.ended:
+            pool.release(conn)
+            return Delivery(response, None, body, True, key, pool, early)
+        return Delivery(response, conn, body, False, key, pool, early)
+
+
+def _is_stream(response: h11.Response) -> bool:
+    for name, value in response.headers:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
+
+
+class _FirstEventHold:
+    """Gathers a stream's first bytes until FirstEvent decides, the body ends, or the
+    commit bound passes; then pauses the connection."""
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self._conn = conn
+        self.watch = FirstEvent()
+        self.parts: list[bytes] = []
+        self.ended = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_body(self, data: bytes, end: bool) -> None:
+        self.parts.append(data)
+        self.ended = end
+        if self.done.done():
+            return
+        if end or self.watch.feed(data) is not Decision.HOLD:
+            self._finish()
+
+    def commit(self) -> None:
+        """The bound passed with nothing decisive: deliver what is held, as it is."""
+        if not self.done.done():
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self.ended:
+            self._conn.pause()
+        self.done.set_result(None)
+
+    def on_body_error(self, exc: UpstreamError) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
 
 
 def _failure(exc: UpstreamError) -> str:

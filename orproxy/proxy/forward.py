@@ -176,17 +176,27 @@ class Forwarder:
             client.send(*events)
 
         if conn is None:  # read whole by the attempt loop, already back in the pool
+            if scanner is not None and delivery.early_error is None:
+                scanner.feed(delivery.body)
+                self._account(record, delivery.key, resp.status_code, scanner, True)
             send_head(delivery.body, True)
             record.sent_bytes = len(delivery.body)
             services.metrics.bytes_sent(record.sent_bytes)
             return After.CLOSE if services.draining else After.KEEP_ALIVE
+        accounted = False
+
+        def account(complete: bool) -> None:
+            nonlocal accounted
+            if not accounted:
+                accounted = True
+                self._account(record, delivery.key, resp.status_code, scanner, complete)
+
         relay = BodyRelay(conn, client, idle_timeout=timeouts.upstream_idle_seconds,
                           write_timeout=timeouts.client_write_seconds,
-                          tap=scanner.feed if scanner is not None else None)
-        complete = False
+                          tap=scanner.feed if scanner is not None else None,
+                          on_complete=lambda: account(True))
         try:
             await relay.start(send_head, delivery.body, delivery.ended)
-            complete = True
         except UpstreamError as exc:
             delivery.pool.discard(conn)
             if client.can_respond:  # it failed before our head went out
@@ -204,7 +214,7 @@ class Forwarder:
             relay.stop()
             record.sent_bytes = relay.sent
             services.metrics.bytes_sent(relay.sent)
-            self._account(record, delivery.key, resp.status_code, scanner, complete)
+            account(False)  # a body cut short: what was seen of it still counts
         delivery.pool.release(conn)
         return After.CLOSE if services.draining else After.KEEP_ALIVE
 

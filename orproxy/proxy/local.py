@@ -91,12 +91,6 @@ def preflight(client: ClientConnection, request: h11.Request, record: RequestRec
 class LocalPages:
     def __init__(self, services: Services) -> None:
         self._services = services
-        self._page = dashboard.page()
-        origin = services.config.openrouter.base_url
-        self._facts = dashboard.Facts(
-            __version__, services.started_wall,
-            f"{origin.scheme}://{origin.host_header}{origin.path}",
-            services.config.openrouter.key_selection_strategy)
 
     def answer(self, client: ClientConnection, request: h11.Request, framing: BodyFraming,
                target: Route, record: RequestRecord) -> After:
@@ -121,6 +115,14 @@ class LocalPages:
                 head_only=request.method == b"HEAD")
         return After.LINGER if close else After.KEEP_ALIVE
 
+    def _facts(self) -> dashboard.Facts:
+        """As configured now (a reload may change them)."""
+        config = self._services.config
+        origin = config.openrouter.base_url
+        return dashboard.Facts(__version__, self._services.started_wall,
+                               f"{origin.scheme}://{origin.host_header}{origin.path}",
+                               config.openrouter.key_selection_strategy)
+
     def _base_url(self) -> str:
         """The base URL clients should use: a /v1/… or / request missed it."""
         host = self._services.config.server.host
@@ -137,12 +139,12 @@ class LocalPages:
             return 200, ctype, body, []
         if kind is RouteKind.METRICS:
             # the page may not be framed by another site (clickjacking)
-            return 200, b"text/html; charset=utf-8", self._page, [
+            return 200, b"text/html; charset=utf-8", dashboard.page(), [
                 (b"Content-Security-Policy", b"frame-ancestors 'none'"),
                 (b"X-Frame-Options", b"DENY")]
         if kind is RouteKind.METRICS_JSON:
             doc = dashboard.document(
-                self._facts, services.keys.snapshot(), services.models.snapshot(),
+                self._facts(), services.keys.snapshot(), services.models.snapshot(),
                 services.models.total, services.upstream.snapshot(),
                 services.metrics.totals().open_connections, services.probe,
                 services.metrics.series.series(time.time()))
@@ -150,22 +152,30 @@ class LocalPages:
         return self._health()
 
     def _health(self) -> tuple[int, bytes, bytes, Headers]:
+        """ok: some key serves any request; paid_only: keys rest for free models only;
+        unavailable (503, with Retry-After): no key serves anything now."""
         services = self._services
         keys = services.keys
         counts = keys.counts()
-        usable = counts["available"]
+        if counts["available"]:
+            status = "ok"
+        elif counts["free_limited"]:
+            status = "paid_only"
+        else:
+            status = "unavailable"
         doc: dict[str, object] = {
-            "status": "ok" if usable else "unavailable",
+            "status": status,
             "keys": {**counts, "total": len(keys)},
             "uptime_seconds": round(time.monotonic() - services.started, 3),
             "draining": services.draining,
         }
         extra: Headers = []
-        soonest = keys.soonest_available() if not usable else None
+        soonest = keys.soonest_available() if status != "ok" else None
         if soonest is not None:
             doc["retry_after_seconds"] = seconds = whole_seconds(soonest)
             extra.append((b"Retry-After", str(seconds).encode()))
-        return (200 if usable else 503), JSON, json.dumps(doc).encode(), extra
+        code = 503 if status == "unavailable" else 200
+        return code, JSON, json.dumps(doc).encode(), extra
 
 
 def error_answer(client: ClientConnection, record: RequestRecord, exc: BaseException,

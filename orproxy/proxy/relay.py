@@ -41,16 +41,21 @@ class BodyDestination(Protocol):
 
 SendHead = Callable[[bytes, bool], None]  # (body bytes to send with the head, ended)
 Tap = Callable[[bytes], None]  # sees every body byte relayed (token accounting)
+# called once the whole body is here, before its last bytes go out: what the body said
+# (a rate limit in-band) is acted on before the client can send its next request
+OnComplete = Callable[[], None]
 
 
 class BodyRelay:
     def __init__(self, source: BodySource, destination: BodyDestination, *,
-                 idle_timeout: float, write_timeout: float, tap: Tap | None = None) -> None:
+                 idle_timeout: float, write_timeout: float, tap: Tap | None = None,
+                 on_complete: OnComplete | None = None) -> None:
         self._source = source
         self._destination = destination
         self._idle = idle_timeout
         self._write_timeout = write_timeout
         self._tap = tap
+        self._on_complete = on_complete
         self._loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self._loop.create_future()
         self.sent = 0
@@ -71,8 +76,10 @@ class BodyRelay:
         if self.done.done():  # the source failed before anything went out
             return self.done
         data = held[0] if len(held) == 1 else b"".join(held)
-        send_head(data, self._ended)
         self._account(data)
+        if self._ended:
+            self._complete()
+        send_head(data, self._ended)
         if self._ended:
             self._finish(None)
             return self.done
@@ -101,11 +108,13 @@ class BodyRelay:
             self._ended = end
             return
         try:
+            self._account(data)
+            if end:
+                self._complete()
             self._destination.send_body(data, end)
         except Exception as exc:  # never let an error escape into the event loop
             self._finish(exc)
             return
-        self._account(data)
         if end:
             self._finish(None)
         elif self._destination.needs_drain and not self._paused:
@@ -121,6 +130,10 @@ class BodyRelay:
             self.sent += len(data)
             if self._tap is not None:
                 self._tap(data)
+
+    def _complete(self) -> None:
+        if self._on_complete is not None:
+            self._on_complete()
 
     def _pause(self) -> None:
         self._paused = True
