@@ -35,7 +35,9 @@ from orproxy.assemble import (
 from orproxy.config import Config, ConfigError
 from orproxy.keys import KeyEvent
 from orproxy.listener import Listener, fd_budget_now, raise_fd_limit
+from orproxy.observe.metrics import ProxyCounts
 from orproxy.proxy.connection import ConnectionLoop
+from orproxy.proxy.quota import QuotaPoller, view_of
 from orproxy.stream import Stream
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,9 @@ class App:
         self._port = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._retired: set[asyncio.Task[None]] = set()
+        self.quota = QuotaPoller(self.services)
+        self.services.quota_view = lambda: view_of(self.quota)
+        self._quota_task: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -68,10 +73,12 @@ class App:
             raise StartError(_listen_problem(server.host, server.port, exc)) from exc
         self._port = self.services.listen_port = int(sock.getsockname()[1])
         self._listener = Listener(sock, self._on_accept, cap=budget.max_connections)
-        self.services.metrics.watch(self.services.keys, self.services.upstream, self._listener,
-                                    self.services.models)
+        services = self.services
+        services.metrics.watch(services.keys, lambda: services.upstream, self._listener,
+                               services.models, self._counts)
         self._listener.start()
         self.saver.mark(urgent=True)  # the state as reconciled with this config's keys
+        self._start_quota_checks()
         o = self.config.openrouter
         log.info("listening on %s:%d; upstream %s://%s:%d%s; %d key(s) [%s]; strategy %s%s; "
                  "up to %d connections (open-file limit %d)",
@@ -80,6 +87,26 @@ class App:
                  ", ".join(v.id for v in self.services.keys.snapshot()),
                  o.key_selection_strategy, " +same" if "same" in o.key_selection_opts else "",
                  budget.max_connections, budget.soft_limit)
+
+    def _counts(self) -> ProxyCounts:
+        attempts = self.services.attempts
+        sticky = attempts.sticky
+        return ProxyCounts(
+            sticky_conversations=len(sticky) if sticky else 0,
+            sticky_hits=sticky.hits if sticky else 0,
+            sticky_misses=sticky.misses if sticky else 0,
+            sticky_moved=attempts.sticky_moved, stream_failovers=attempts.failed_over_early,
+            quota_checks_ok=self.quota.results["ok"],
+            quota_checks_failed=self.quota.results["error"],
+            quota=view_of(self.quota))
+
+    def _start_quota_checks(self) -> None:
+        if self._quota_task is not None:
+            self._quota_task.cancel()
+            self._quota_task = None
+        interval = self.config.openrouter.quota_check_seconds
+        if interval > 0:
+            self._quota_task = asyncio.get_running_loop().create_task(self.quota.run(interval))
 
     def _key_changed(self, event: KeyEvent) -> None:
         log_key_event(event)
@@ -150,7 +177,11 @@ class App:
                                                new.limits.max_upstream_idle_connections)
         logging.getLogger().setLevel(new.server.log_level)
         logging.getLogger("orproxy.access").setLevel(new.server.http_log_level)
+        quota_changed = (old.openrouter.quota_check_seconds
+                         != new.openrouter.quota_check_seconds)
         self.config = new
+        if quota_changed:
+            self._start_quota_checks()
         self.saver.mark(urgent=True)
         after = {v.id for v in services.keys.snapshot()}
         log.info("reloaded: %d key(s) (%d added, %d removed); strategy %s",
@@ -167,6 +198,8 @@ class App:
     async def shutdown(self) -> None:
         grace = self.config.timeouts.shutdown_grace_seconds
         self.services.draining = True
+        if self._quota_task is not None:
+            self._quota_task.cancel()
         if self._listener is not None:
             self._listener.stop()
         for connection in list(self.services.connections):

@@ -77,7 +77,8 @@ async def proxy_process(tmp_path: Path, fake: FakeOpenRouter, ca_file: str, *,
         "server": {"host": "127.0.0.1", "port": port, "access_key": ACCESS_KEY,
                    "log_level": "INFO", "http_log_level": "WARNING"},
         "openrouter": {"keys": KEYS, "ca_file": ca_file,
-                       "base_url": f"https://127.0.0.1:{fake.port}/api/v1"},
+                       "base_url": f"https://127.0.0.1:{fake.port}/api/v1",
+                       "quota_check_seconds": 0},  # no background /key checks here
     }, overrides)
     config = tmp_path / "proxy.yml"
     config.write_text(yaml.safe_dump(doc))

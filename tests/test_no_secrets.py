@@ -252,7 +252,7 @@ async def test_no_key_and_no_access_key_in_anything_the_proxy_emits(
     overrides: dict[str, Any] = {
         "server": {"access_key": access, "log_level": "DEBUG", "http_log_level": "DEBUG",
                    "log_format": log_format},
-        "openrouter": {"keys": keys, "rate_limit_cooldown": 3600},
+        "openrouter": {"keys": keys, "rate_limit_cooldown": 3600, "quota_check_seconds": 0},
         "limits": {"max_body_bytes": 65536, "max_target_bytes": 2048, "max_head_bytes": 8192},
         "timeouts": {"client_head_seconds": 0.5},
     }

@@ -460,7 +460,8 @@ async def proxy_process(tmp_path: Path, fake_port: int, ca_file: str,
         "server": {"host": "127.0.0.1", "port": port, "access_key": ACCESS_KEY,
                    "log_level": "INFO", "http_log_level": "INFO"},
         "openrouter": {"keys": KEYS, "ca_file": ca_file,
-                       "base_url": f"https://127.0.0.1:{fake_port}/api/v1"},
+                       "base_url": f"https://127.0.0.1:{fake_port}/api/v1",
+                       "quota_check_seconds": 0},
     }, overrides)
     config = tmp_path / "proxy.yml"
     config.write_text(yaml.safe_dump(doc))

@@ -65,7 +65,8 @@ class Facts:
 
 def document(facts: Facts, keys: Sequence[KeyView], models: dict[str, Tally], total: Tally,
              pool: PoolSnapshot, open_connections: int, probe: ProcessProbe,
-             series: Series) -> dict[str, Any]:
+             series: Series, quota: dict[str, dict[str, float | None]] | None = None,
+             ) -> dict[str, Any]:
     now = time.time()
     return {
         "version": facts.version,
@@ -79,7 +80,7 @@ def document(facts: Facts, keys: Sequence[KeyView], models: dict[str, Tally], to
         "connections": {"client_open": open_connections, "upstream_idle": pool.idle,
                         "upstream_active": pool.active},
         "totals": {"requests": total.requests, **_tokens(total), "cost": total.cost},
-        "keys": [_key(view) for view in keys],
+        "keys": [_key(view, (quota or {}).get(view.id)) for view in keys],
         "models": [{"model": label, "requests": tally.requests,
                     "prompt_tokens": tally.prompt_tokens,
                     "completion_tokens": tally.completion_tokens, "cost": tally.cost}
@@ -93,9 +94,10 @@ def _tokens(tally: Tally) -> dict[str, int]:
             "cached_tokens": tally.cached_tokens, "reasoning_tokens": tally.reasoning_tokens}
 
 
-def _key(view: KeyView) -> dict[str, Any]:
+def _key(view: KeyView, quota: dict[str, float | None] | None) -> dict[str, Any]:
     stats = view.stats
     return {
+        "quota": quota,
         "id": view.id, "masked": view.masked, "account": view.account,
         "state": view.state.value, "rest_until": view.rest_until or None,
         "reason": view.reason, "message": view.message,

@@ -12,8 +12,8 @@ methods, status classes, attempt outcomes, key ids (never keys), bounded model l
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -40,6 +40,20 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
                    30, 60, 120, 300, 600)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 TOKEN_KINDS = ("prompt", "completion", "cached", "cache_write", "reasoning")
+
+
+@dataclass(frozen=True)
+class ProxyCounts:
+    """Plain numbers from the proxy layer, read at scrape time."""
+
+    sticky_conversations: int = 0
+    sticky_hits: int = 0
+    sticky_misses: int = 0
+    sticky_moved: int = 0  # a conversation's key could not serve it: another took over
+    stream_failovers: int = 0  # stream errors before content sent to the next key
+    quota_checks_ok: int = 0
+    quota_checks_failed: int = 0
+    quota: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,9 +99,10 @@ class Metrics:
         self._bytes_out_count = 0
         self._request_count = 0
 
-    def watch(self, keys: KeyPool, pool: UpstreamPool, listener: Listener,
-              models: ModelTally) -> None:
-        self.registry.register(_StateCollector(keys, pool, listener, models, self._system))
+    def watch(self, keys: KeyPool, pool: Callable[[], UpstreamPool], listener: Listener,
+              models: ModelTally, counts: Callable[[], ProxyCounts] = ProxyCounts) -> None:
+        self.registry.register(_StateCollector(keys, pool, listener, models, counts,
+                                               self._system))
 
     # --- the hot path --------------------------------------------------------------------------
 
@@ -151,18 +166,20 @@ class Metrics:
 class _StateCollector(Collector):
     """Key, model, pool, listener and system state, read from snapshots at scrape time."""
 
-    def __init__(self, keys: KeyPool, pool: UpstreamPool, listener: Listener,
-                 models: ModelTally, system: bool) -> None:
+    def __init__(self, keys: KeyPool, pool: Callable[[], UpstreamPool], listener: Listener,
+                 models: ModelTally, counts: Callable[[], ProxyCounts], system: bool) -> None:
         self._keys = keys
-        self._pool = pool
+        self._pool = pool  # the pool in use now (a reload may replace it)
         self._listener = listener
         self._models = models
+        self._counts = counts
         self._system = system
 
     def collect(self) -> Iterator[Metric]:
         yield from self._key_metrics()
         yield from self._model_metrics()
         yield from self._connection_metrics()
+        yield from self._proxy_metrics()
         if self._system:
             yield from _system_metrics()
 
@@ -235,7 +252,7 @@ class _StateCollector(Collector):
         yield from (requests, tokens, cost, all_tokens, all_cost)
 
     def _connection_metrics(self) -> Iterator[Metric]:
-        snap = self._pool.snapshot()
+        snap = self._pool().snapshot()
         conns = GaugeMetricFamily("orproxy_upstream_connections", "Upstream connections by "
                                   "state", labels=["state"])
         conns.add_metric(["idle"], snap.idle)
@@ -258,6 +275,38 @@ class _StateCollector(Collector):
         stops.add_metric(["connection_cap"], listen.paused_at_cap)
         stops.add_metric(["out_of_descriptors"], listen.exhausted)
         yield from (conns, opened, dropped, cap, paused, stops)
+
+
+    def _proxy_metrics(self) -> Iterator[Metric]:
+        counts = self._counts()
+        conversations = GaugeMetricFamily("orproxy_sticky_conversations", "Conversations "
+                                          "remembered with their key")
+        conversations.add_metric([], counts.sticky_conversations)
+        sticky = CounterMetricFamily("orproxy_sticky_lookups", "Requests of a conversation by "
+                                     "what the sticky map knew (hit: its key was known)",
+                                     labels=["result"])
+        sticky.add_metric(["hit"], counts.sticky_hits)
+        sticky.add_metric(["miss"], counts.sticky_misses)
+        moved = CounterMetricFamily("orproxy_sticky_moved", "Conversations whose key could "
+                                    "not serve them, moved to another key")
+        moved.add_metric([], counts.sticky_moved)
+        failovers = CounterMetricFamily("orproxy_stream_failovers", "Streams that failed before "
+                                        "their first content and went to another key")
+        failovers.add_metric([], counts.stream_failovers)
+        checks = CounterMetricFamily("orproxy_quota_checks", "Background GET /api/v1/key "
+                                     "checks by result", labels=["result"])
+        checks.add_metric(["ok"], counts.quota_checks_ok)
+        checks.add_metric(["error"], counts.quota_checks_failed)
+        free = GaugeMetricFamily("orproxy_key_free_requests_remaining", "Free-model requests "
+                                 "left today, as the last quota check said", labels=["key_id"])
+        left = GaugeMetricFamily("orproxy_key_limit_remaining_usd", "The key's spending limit "
+                                 "left, as the last quota check said", labels=["key_id"])
+        for kid, quota in sorted(counts.quota.items()):
+            if quota.get("free_requests_remaining") is not None:
+                free.add_metric([kid], float(quota["free_requests_remaining"] or 0.0))
+            if quota.get("limit_remaining") is not None:
+                left.add_metric([kid], float(quota["limit_remaining"] or 0.0))
+        yield from (conversations, sticky, moved, failovers, checks, free, left)
 
 
 def _tokens(stats: object) -> tuple[int, int, int, int, int]:

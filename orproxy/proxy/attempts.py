@@ -37,6 +37,7 @@ from orproxy.upstream.pool import UpstreamPool
 log = logging.getLogger(__name__)
 
 READ_AHEAD_BYTES = 64 * 1024  # an error body is read up to this before it is classified
+OK_VERDICT = Verdict(Outcome.OK)
 
 
 @dataclass(slots=True)
@@ -66,6 +67,7 @@ class Delivery:
     key: Key | None
     pool: UpstreamPool  # where conn goes back (a reload may have replaced the pool since)
     early_error: tuple[int | None, bytes] | None = None  # a stream's error before content
+    verdict: Verdict = OK_VERDICT  # what its answer meant for the key
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class AttemptLoop:
             verdict = self._verdict(delivery, key)
             self._trace(trace, req, key, verdict.outcome.value,
                         delivery.response.status_code, started, verdict.reason)
+            delivery.verdict = verdict
             if not verdict.retry or not self._budget_left(trace, deadline):
                 self._keep_conversation(req, delivery, verdict)
                 return delivery

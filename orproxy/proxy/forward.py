@@ -32,6 +32,7 @@ from orproxy.proxy.record import Outcome, RequestRecord
 from orproxy.proxy.relay import BodyRelay
 from orproxy.proxy.requestinfo import request_info
 from orproxy.proxy.services import Services
+from orproxy.upstream.classify import Outcome as VerdictOutcome
 from orproxy.upstream.classify import classify
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,10 @@ class Forwarder:
             log.warning("upstream failed rid=%s: %s", req.request_id.decode(), exc.message)
             return error_answer(client, record, exc, Outcome.UPSTREAM_ERROR,
                                 close=services.draining)
+        gone = delivery.verdict
+        if gone.outcome is VerdictOutcome.MODEL_GONE and openrouter.free_only:
+            # its free variant ended: the free-only list stops offering it
+            services.models_cache.drop(gone.model or req.model or "")
         return await self._relay(client, delivery, record)
 
     async def _is_free(self, model: str) -> bool:

@@ -147,7 +147,7 @@ class LocalPages:
                 self._facts(), services.keys.snapshot(), services.models.snapshot(),
                 services.models.total, services.upstream.snapshot(),
                 services.metrics.totals().open_connections, services.probe,
-                services.metrics.series.series(time.time()))
+                services.metrics.series.series(time.time()), services.quota_view())
             return 200, JSON, json.dumps(doc, separators=(",", ":")).encode(), []
         return self._health()
 

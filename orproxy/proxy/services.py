@@ -35,6 +35,8 @@ class Services:
     models_cache: ModelsCache
     # something worth saving changed: True for a key's state, False for counters
     mark_state: Callable[[bool], None] = lambda urgent: None
+    # what the background quota checks last said, by key id (empty when they are off)
+    quota_view: Callable[[], dict[str, dict[str, float | None]]] = dict
     started: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     draining: bool = False
