@@ -70,7 +70,7 @@ def key(ident: str, **fields: Any) -> dict[str, Any]:
             "state": "available", "rest_until": None, "reason": "", "message": "",
             "requests": 0, "successes": 0, "rate_limited": 0, "errors": 0,
             "prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0,
-            "last_error": None, "last_error_at": None}
+            "last_error": None, "last_error_at": None, "quota": None}
     base.update(fields)
     return base
 
@@ -87,7 +87,9 @@ def document(server_now: float) -> dict[str, Any]:
                    "cached_tokens": 5000, "reasoning_tokens": 1000, "cost": 0.1234},
         "keys": [
             key("9aff94b7", account="alice", requests=1234, successes=1200, rate_limited=30,
-                errors=4, prompt_tokens=1234567, completion_tokens=45678, cost=0.0123),
+                errors=4, prompt_tokens=1234567, completion_tokens=45678, cost=0.0123,
+                quota={"free_requests_remaining": 12.0, "free_requests_limit": 1000.0,
+                       "limit_remaining": 3.2, "limit": 5.0, "checked_at": server_now}),
             key("1c0ffee2", account=ACCOUNT_XSS, state="cooling",
                 rest_until=server_now + 90.0, reason="429 free-models-per-day",
                 message="Rate limit exceeded: free-models-per-day. <b>Add 10 credits</b>",
@@ -292,7 +294,7 @@ async def test_key_table_has_one_row_per_key_with_its_values(page: Page) -> None
     alice = await key_cells(page, "9aff94b7")
     assert alice == {
         "id": "9aff94b7", "masked": "sk-or-…9aff", "account": "alice", "state": "available",
-        "rest_until": "—", "countdown": "", "reason": "—", "message": "", "requests": "1,234",
+        "quota": "free 12/1,000 left · $3.20 left", "rest_until": "—", "countdown": "", "reason": "—", "message": "", "requests": "1,234",
         "successes": "1,200", "rate_limited": "30", "errors": "4",
         "prompt_tokens": "1,234,567", "completion_tokens": "45,678", "cost": "$0.0123",
         "last_error": "—", "last_error_ago": ""}
