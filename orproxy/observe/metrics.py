@@ -22,6 +22,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -66,6 +67,8 @@ class Totals:
 
 class Metrics:
     def __init__(self, *, system: bool = False) -> None:
+        # no *_created series: they double the text and say little
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         r = self.registry
         self._requests = Counter("orproxy_requests", "Requests answered, by route, method and "
