@@ -294,7 +294,8 @@ async def test_key_table_has_one_row_per_key_with_its_values(page: Page) -> None
     alice = await key_cells(page, "9aff94b7")
     assert alice == {
         "id": "9aff94b7", "masked": "sk-or-…9aff", "account": "alice", "state": "available",
-        "quota": "free 12/1,000 left · $3.20 left", "rest_until": "—", "countdown": "", "reason": "—", "message": "", "requests": "1,234",
+        "quota": "free 12/1,000 left · $3.20 left",
+        "rest_until": "—", "countdown": "", "reason": "—", "message": "", "requests": "1,234",
         "successes": "1,200", "rate_limited": "30", "errors": "4",
         "prompt_tokens": "1,234,567", "completion_tokens": "45,678", "cost": "$0.0123",
         "last_error": "—", "last_error_ago": ""}

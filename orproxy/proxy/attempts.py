@@ -152,7 +152,6 @@ class AttemptLoop:
                 return delivery
             assert key is not None
             tried.append(key)
-            fallback = None
             if delivery.early_error is not None:
                 # the stream failed before content: closing it stops the generation; if no
                 # key is left, the client gets the error event as the stream's end
@@ -165,6 +164,12 @@ class AttemptLoop:
             elif verdict.outcome in (Outcome.OVERLOADED, Outcome.BUSY):
                 fallback = delivery
             wait = self._wait_before_next(verdict)
+            if wait and self.keys.clock() + wait > deadline:
+                # the deadline is for starting attempts: this one could not start in time
+                if fallback is not None:
+                    return fallback
+                soonest = self.keys.soonest(free=req.free)
+                raise NoKeyAvailable(*soonest) if soonest else NoKeyAvailable(None)
 
     def _conversation_key(self, req: UpstreamRequest) -> str | None:
         if self.sticky is None or req.conversation is None or req.public:
@@ -210,7 +215,8 @@ class AttemptLoop:
             verdict = classify(code or 502, [], envelope, self._wall())
             if verdict.outcome is Outcome.OK:  # a provider failure before any content:
                 verdict = Verdict(Outcome.OVERLOADED,  # another key may well succeed
-                                  reason=f"stream error {code or ''} before content".strip(),
+                                  reason=f"stream error {code} before content" if code
+                                  else "stream error before content",
                                   message=verdict.message)
         elif status in STATUSES_TO_CLASSIFY:
             verdict = classify(status, delivery.response.headers, delivery.body, self._wall())
@@ -329,7 +335,8 @@ class _FirstEventHold:
         self.ended = end
         if self.done.done():
             return
-        if end or self.watch.feed(data) is not Decision.HOLD:
+        decision = self.watch.feed(data)  # first: an error may come with the end
+        if end or decision is not Decision.HOLD:
             self._finish()
 
     def commit(self) -> None:
