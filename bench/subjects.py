@@ -222,7 +222,9 @@ def orproxy_config(port: int, upstream_port: int) -> dict[str, object]:
             "keys": list(UPSTREAM_KEYS),
             "base_url": f"http://{HOST}:{upstream_port}/api/v1",
             "enable_cache": False,
+            "quota_check_seconds": 0,  # the fake upstream has no /key
         },
+        "state": {"file": None},  # nothing written into the checkout
     }
 
 
