@@ -56,7 +56,7 @@ class App:
         self._tasks: set[asyncio.Task[None]] = set()
         self._retired: set[asyncio.Task[None]] = set()
         self.quota = QuotaPoller(self.services)
-        self.services.quota_view = lambda: view_of(self.quota)
+        self.services.quota_view = self._quota_view
         self._quota_task: asyncio.Task[None] | None = None
 
     @property
@@ -98,7 +98,10 @@ class App:
             sticky_moved=attempts.sticky_moved, stream_failovers=attempts.failed_over_early,
             quota_checks_ok=self.quota.results["ok"],
             quota_checks_failed=self.quota.results["error"],
-            quota=view_of(self.quota))
+            quota=self._quota_view())
+
+    def _quota_view(self) -> dict[str, dict[str, float | None]]:
+        return view_of(self.quota, {key.id for key in self.services.keys})
 
     def _start_quota_checks(self) -> None:
         if self._quota_task is not None:

@@ -119,14 +119,16 @@ class AttemptLoop:
         deadline = self.keys.clock() + self.settings.deadline_seconds
         fallback: Delivery | None = None  # an overload answer, if no other key is left
         wait = 0.0
-        prefer = self._conversation_key(req)
+        known = prefer = self._conversation_key(req)
+        failing_over = False  # a stream failed before content: does another key take it?
         while True:
             key = None
             if not req.public:
                 key = self.keys.acquire(exclude=tried, free=req.free, prefer=prefer)
-                if prefer is not None and key is not None and key.id != prefer:
-                    self.sticky_moved += 1
                 prefer = None
+                if key is not None and failing_over:
+                    self.failed_over_early += 1
+                failing_over = False
                 if key is None:
                     if fallback is not None:
                         return fallback
@@ -144,18 +146,20 @@ class AttemptLoop:
                     continue
                 raise
             verdict = self._verdict(delivery, key)
-            self._trace(trace, req, key, verdict.outcome.value,
-                        delivery.response.status_code, started, verdict.reason)
+            status = delivery.response.status_code
+            if delivery.early_error is not None:  # the error's own code, not the 200 it came in
+                status = delivery.early_error[0] or 0
+            self._trace(trace, req, key, verdict.outcome.value, status, started, verdict.reason)
             delivery.verdict = verdict
             if not verdict.retry or not self._budget_left(trace, deadline):
-                self._keep_conversation(req, delivery, verdict)
+                self._keep_conversation(req, delivery, verdict, known)
                 return delivery
             assert key is not None
             tried.append(key)
             if delivery.early_error is not None:
                 # the stream failed before content: closing it stops the generation; if no
                 # key is left, the client gets the error event as the stream's end
-                self.failed_over_early += 1
+                failing_over = True
                 if delivery.conn is not None:
                     delivery.pool.discard(delivery.conn)
                 fallback = replace(delivery, conn=None, ended=True)
@@ -177,11 +181,14 @@ class AttemptLoop:
         return self.sticky.get(req.conversation)
 
     def _keep_conversation(self, req: UpstreamRequest, delivery: Delivery,
-                           verdict: Verdict) -> None:
-        """A conversation answered by a key stays on it while that key can serve."""
+                           verdict: Verdict, known: str | None) -> None:
+        """A conversation answered by a key stays on it while that key can serve; one that
+        had to leave its key (``known``) is counted as moved."""
         if (self.sticky is not None and req.conversation is not None
                 and delivery.key is not None and verdict.outcome is Outcome.OK
                 and delivery.response.status_code < 400 and delivery.early_error is None):
+            if known is not None and delivery.key.id != known:
+                self.sticky_moved += 1
             self.sticky.put(req.conversation, delivery.key.id)
 
     def _budget_left(self, trace: list[Attempt], deadline: float) -> bool:

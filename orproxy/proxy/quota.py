@@ -59,7 +59,7 @@ def seconds_until_reset(period: str | None, wall_now: float) -> float | None:
 class QuotaPoller:
     def __init__(self, services: Services, *, wall: Callable[[], float] = time.time) -> None:
         self._services = services
-        self._wall = wall
+        self.wall = wall
         self.checked: dict[str, Checked] = {}  # by key id
         self.results = {"ok": 0, "error": 0}
 
@@ -67,6 +67,9 @@ class QuotaPoller:
         """Forever: every key once per ``interval``, spread out."""
         while True:
             keys = list(self._services.keys)
+            current = {key.id for key in keys}
+            for gone in set(self.checked) - current:  # removed by a reload
+                del self.checked[gone]
             step = interval / max(len(keys), 1)
             for key in keys:
                 await self.check(key)
@@ -99,12 +102,12 @@ class QuotaPoller:
             log.debug("quota check of key %s: HTTP %d", key.id, answer.status)
             return
         self.results["ok"] += 1
-        self.checked[key.id] = Checked(info, self._wall())
+        self.checked[key.id] = Checked(info, self.wall())
         self.apply(key, info)
 
     def apply(self, key: Key, info: KeyInfo) -> None:
         services = self._services
-        keys, now = services.keys, self._wall()
+        keys, now = services.keys, self.wall()
         if info.account:
             keys.learn_account(key, info.account)
         if info.expired(now):
@@ -133,12 +136,12 @@ def _iso(when: float | None) -> str:
 QuotaView = dict[str, dict[str, float | None]]
 
 
-def view_of(poller: QuotaPoller) -> QuotaView:
-    """What the last checks said, by key id: for the dashboard and the metrics."""
+def view_of(poller: QuotaPoller, key_ids: set[str]) -> QuotaView:
+    """What the last checks said about these keys, by id: for the dashboard and metrics."""
     return {kid: {"limit_remaining": c.info.limit_remaining, "limit": c.info.limit,
                   "free_requests_remaining": (None if c.info.free_requests_remaining is None
                                               else float(c.info.free_requests_remaining)),
                   "free_requests_limit": (None if c.info.free_requests_limit is None
                                           else float(c.info.free_requests_limit)),
                   "checked_at": c.at}
-            for kid, c in poller.checked.items()}
+            for kid, c in poller.checked.items() if kid in key_ids}
