@@ -1,10 +1,12 @@
-"""Shared fixtures: a trustme CA, the fake OpenRouter over TLS, and the proxy in-process.
+"""Shared fixtures: a trustme CA, the fake OpenRouter over TLS, the proxy in-process, and
+a test clock to run it on.
 
 Tests run on the asyncio backend of anyio's pytest plugin, on real loopback sockets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +19,7 @@ import trustme
 from orproxy.app import App
 from orproxy.config import build_config
 from tests.fakeor import FakeOpenRouter
+from tests.memstream import FakeClock
 
 ACCESS_KEY = "test-access-key"
 KEYS = ["sk-or-v1-test-key-aaaaaaaaaaaa0001", "sk-or-v1-test-key-bbbbbbbbbbbb0002",
@@ -50,12 +53,20 @@ def server_tls(ca: trustme.CA) -> ssl.SSLContext:
     return context
 
 
+@contextlib.asynccontextmanager
+async def fake_openrouter(tls: ssl.SSLContext) -> AsyncIterator[FakeOpenRouter]:
+    server = FakeOpenRouter(tls=tls)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
 @pytest.fixture
 async def fake(server_tls: ssl.SSLContext) -> AsyncIterator[FakeOpenRouter]:
-    server = FakeOpenRouter(tls=server_tls)
-    await server.start()
-    yield server
-    await server.stop()
+    async with fake_openrouter(server_tls) as server:
+        yield server
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +112,41 @@ async def make_proxy(fake: FakeOpenRouter, ca_file: str) -> AsyncIterator[ProxyF
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> App:
     return await make_proxy()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A test clock, monotonic and wall, that moves only when the test advances it or the
+    proxy waits on it (``on_clock``)."""
+    return FakeClock()
+
+
+def on_clock(app: App, clock: FakeClock) -> App:
+    """Run a started proxy on ``clock``: its key pool's monotonic and wall clocks (rests and
+    their ends), the wall clock the attempt loop reads OpenRouter's reset times with, the
+    quota poller's wall clock and the sticky map's clock; the attempt loop's wait before a
+    retry (the overload delay, a Retry-After) is recorded in ``clock.sleeps`` and moves the
+    clock, and never waits. So a rest ends when the test moves time past it, and a test
+    sees exactly how long it is."""
+    services = app.services
+    services.keys.clock = clock
+    services.keys.wall = clock.wall
+    services.attempts.wall = clock.wall
+    services.attempts.sleep = clock.sleep
+    if services.attempts.sticky is not None:
+        services.attempts.sticky.clock = clock
+    app.quota.wall = clock.wall
+    return app
+
+
+def clocked(make_proxy: ProxyFactory, clock: FakeClock) -> ProxyFactory:
+    """``make_proxy`` whose proxies run on ``clock``: a module overrides its ``make_proxy``
+    fixture with this (``proxy`` follows) to put every proxy of its tests on test time."""
+
+    async def factory(**overrides: Any) -> App:
+        return on_clock(await make_proxy(**overrides), clock)
+
+    return factory
 
 
 def sample(app: App, name: str, labels: dict[str, str] | None = None) -> float:

@@ -38,7 +38,7 @@ import trustme
 from orproxy.app import App
 from orproxy.config import build_config
 from tests.browser import Browser
-from tests.fakeor import OVERLOAD_BODY, FakeOpenRouter, Recorded, Responder
+from tests.fakeor import OVERLOAD_BODY, FakeOpenRouter, Recorded, Responder, reset_ms
 from tests.rawhttp import roundtrip
 
 ACCESS_KEY = "screenshot-access-key"
@@ -83,10 +83,6 @@ MODELS = [
     Model("qwen/qwen-2.5-coder-32b-instruct", 6, 0.07e-6, 0.16e-6, 0.7, provider="Fireworks"),
 ]
 BY_NAME = {m.name: m for m in MODELS}
-
-
-def reset_ms(seconds_from_now: float) -> str:
-    return str(int((time.time() + seconds_from_now) * 1000))
 
 
 def limit_body(message: str, limit: int, reset: str) -> dict[str, Any]:
@@ -140,7 +136,7 @@ class Upstream:
             self.free_this_minute[(account, minute)] += 1
             if self.free_this_minute[(account, minute)] > FREE_PER_MINUTE[account]:
                 return 429, limit_body("Rate limit exceeded: free-models-per-min.", 20,
-                                       reset_ms(60 - time.time() % 60))
+                                       str(reset_ms(60 - time.time() % 60)))
             if model.name.startswith("google/gemma") and self.rng.random() < 0.08:
                 return 429, OVERLOAD_BODY
         if model.reasoning and self.rng.random() < 0.12:

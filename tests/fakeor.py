@@ -5,6 +5,10 @@ sets. The fake records every request (method, target, raw headers, body) and eve
 connection's opening and closing, so tests can check what the proxy sent upstream and
 that it closed what it should have. ``Responder`` frames with h11 by default and can also
 write raw bytes, for upstream misbehaviour h11 would refuse to produce.
+
+Also OpenRouter's shapes both ways: the bodies it answers with (``completion``,
+``rate_limited_body`` with a ``reset_ms``, ``key_info`` …), and ``error_of``, which holds an
+error answer of the proxy to OpenRouter's error shape.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ import json
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import h11
+
+if TYPE_CHECKING:
+    from tests.rawhttp import Response
 
 
 @dataclass
@@ -101,6 +109,12 @@ def completion(content: str = "hello", model: str = "test/model") -> dict[str, A
 
 async def ok_script(req: Recorded, resp: Responder) -> None:
     await resp.json(200, completion())
+
+
+def reset_ms(seconds_from_now: float, now: float | None = None) -> int:
+    """An X-RateLimit-Reset as OpenRouter writes it (epoch milliseconds), ``seconds_from_now``
+    after ``now`` (a test clock's wall time; by default the real one)."""
+    return int(((time.time() if now is None else now) + seconds_from_now) * 1000)
 
 
 def rate_limited_body(reset_ms: int, message: str = "Rate limit exceeded.",
@@ -197,6 +211,33 @@ class FakeOpenRouter:
                 return None
 
 
+@dataclass
+class SlowReadingFake(FakeOpenRouter):
+    """The fake OpenRouter, reading each request at about ``piece / delay`` bytes a second:
+    an upstream that takes a large body slowly, so the proxy must hold it meanwhile."""
+
+    piece: int = 64 * 1024
+    delay: float = 0.004
+
+    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader,
+                            conn_id: int) -> Recorded | None:
+        slow = cast(asyncio.StreamReader, _SlowReader(reader, self.piece, self.delay))
+        return await super()._read_request(conn, slow, conn_id)
+
+
+class _SlowReader:
+    """A StreamReader stand-in that hands out at most ``piece`` bytes per ``delay``."""
+
+    def __init__(self, reader: asyncio.StreamReader, piece: int, delay: float) -> None:
+        self._reader = reader
+        self._piece = piece
+        self._delay = delay
+
+    async def read(self, n: int) -> bytes:
+        await asyncio.sleep(self._delay)
+        return await self._reader.read(min(n, self._piece))
+
+
 def key_info(*, label: str = "main", account: str = "user_1", limit: float | None = None,
              remaining: float | None = None, free_left: int = 50,
              expires_at: str | None = None) -> dict[str, Any]:
@@ -209,3 +250,16 @@ def key_info(*, label: str = "main", account: str = "user_1", limit: float | Non
                                       "remaining": free_left},
         "rate_limit": {"requests": -1, "interval": "10s"},
     }}
+
+
+def error_of(resp: Response) -> dict[str, Any]:
+    """The ``error`` object of an error answer in OpenRouter's shape, checked: JSON, nothing
+    but ``error``, its ``code`` the status, a message."""
+    assert resp.header(b"content-type") == b"application/json", resp.headers
+    doc = json.loads(resp.body)
+    assert set(doc) == {"error"}, doc
+    error = doc["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == resp.status, doc
+    assert isinstance(error["message"], str) and error["message"], doc
+    return error

@@ -474,13 +474,18 @@ def json_response(status: int, doc: Any, headers: Sequence[tuple[bytes, bytes]] 
 
 @dataclass
 class FakeClock:
-    """A monotonic clock the test moves by hand (KeyPool, UpstreamPool, the attempt loop)."""
+    """A monotonic clock the test moves by hand (KeyPool, UpstreamPool, the attempt loop),
+    with the wall clock that moves with it (``wall``: ``epoch`` seconds ahead)."""
 
     now: float = 100.0
     sleeps: list[float] = field(default_factory=list)
+    epoch: float = 1_700_000_000.0
 
     def __call__(self) -> float:
         return self.now
+
+    def wall(self) -> float:
+        return self.epoch + self.now
 
     def advance(self, seconds: float) -> None:
         self.now += seconds

@@ -17,7 +17,6 @@ import gzip
 import itertools
 import json
 import logging
-import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from orproxy.app import App
 from orproxy.keys import key_id
 from tests.conftest import AUTH, KEYS, ProxyFactory, sample
-from tests.fakeor import FakeOpenRouter, Recorded, Responder
+from tests.fakeor import FakeOpenRouter, Recorded, Responder, reset_ms
 from tests.rawhttp import Response, roundtrip
 
 pytestmark = pytest.mark.anyio
@@ -348,10 +347,6 @@ async def metrics_json(port: int) -> dict[str, Any]:
 
 def keys_by_id(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {k["id"]: k for k in doc["keys"]}
-
-
-def reset_ms(seconds_from_now: float) -> int:
-    return int((time.time() + seconds_from_now) * 1000)
 
 
 def assert_tokens(scraped: Scrape, name: str, expected: Tokens, **labels: str) -> None:

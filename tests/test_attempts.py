@@ -42,6 +42,7 @@ from orproxy.proxy.record import Attempt
 from orproxy.proxy.sticky import StickyMap
 from orproxy.stream import Stream
 from orproxy.upstream.pool import UpstreamPool
+from tests.fakeor import reset_ms
 from tests.memstream import (
     FIN,
     RESET,
@@ -81,10 +82,9 @@ OK = json_response(200, {"id": "gen-1", "choices": []})
 
 def limited(seconds: float, message: str = "Rate limit exceeded: limit_rpm/m/1.") -> bytes:
     """OpenRouter's own 429 for the key: rests it until the reset it states."""
-    reset_ms = int((WALL + seconds) * 1000)
     return json_response(429, {"error": {"code": 429, "message": message, "metadata": {
         "headers": {"X-RateLimit-Limit": "20", "X-RateLimit-Remaining": "0",
-                    "X-RateLimit-Reset": str(reset_ms)}}}})
+                    "X-RateLimit-Reset": str(reset_ms(seconds, WALL))}}}})
 
 
 OVERLOADED = json_response(429, {"error": {"code": 429, "message": "Provider returned error",
@@ -905,7 +905,7 @@ async def test_everything_held_goes_out_with_the_head_in_order() -> None:
 
 async def test_an_early_error_with_a_reset_time_rests_the_key_until_then() -> None:
     event = (b'data: {"error":{"code":429,"message":"Rate limit exceeded: limit_rpm/m/1.",'
-             b'"metadata":{"headers":{"X-RateLimit-Reset":"%d"}}}}\n\n' % ((WALL + 90) * 1000))
+             b'"metadata":{"headers":{"X-RateLimit-Reset":"%d"}}}}\n\n' % reset_ms(90, WALL))
     w = world({A: [stream(event, end=False)], B: [stream(CONTENT)]}, commit_seconds=5.0)
     delivery, trace = await run(w)
     assert outcomes(trace) == [(IDS[A], "key_limited"), (IDS[B], "ok")]

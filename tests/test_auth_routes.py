@@ -1,4 +1,8 @@
-"""Access control, public endpoints, local routes, request ids and secret hygiene, end to end."""
+"""Access control, public endpoints, local routes, request ids and secret hygiene, end to end.
+
+Every proxy here runs on the test clock (conftest ``on_clock``): the rests a test needs are
+written from its wall clock, so their lengths are exact.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,25 @@ import base64
 import json
 import logging
 import re
-import time
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orproxy.app import App
 from orproxy.keys import key_id, mask_key
-from tests.conftest import ACCESS_KEY, AUTH, KEYS, ProxyFactory
-from tests.fakeor import FakeOpenRouter, Recorded, Responder, Script, completion, rate_limited_body
-from tests.rawhttp import RawClient, Response, roundtrip
+from tests.conftest import ACCESS_KEY, AUTH, KEYS, ProxyFactory, clocked
+from tests.fakeor import (
+    FakeOpenRouter,
+    Recorded,
+    Responder,
+    Script,
+    completion,
+    error_of,
+    rate_limited_body,
+    reset_ms,
+)
+from tests.memstream import FakeClock
+from tests.rawhttp import Response, connected, roundtrip
 
 pytestmark = pytest.mark.anyio
 
@@ -46,16 +58,6 @@ async def get(port: int, target: bytes, headers: list[tuple[bytes, bytes]] | Non
     return await roundtrip(port, request(method, target, headers), method)
 
 
-def error_of(resp: Response, status: int) -> dict[str, Any]:
-    assert resp.header(b"content-type") == b"application/json"
-    doc = json.loads(resp.body)
-    assert set(doc) == {"error"}, doc
-    assert doc["error"]["code"] == status
-    assert isinstance(doc["error"]["message"], str) and doc["error"]["message"]
-    assert isinstance(doc["error"], dict)
-    return doc["error"]
-
-
 def assert_single_standard_headers(resp: Response) -> bytes:
     """Exactly one X-Request-ID, Date and Server; returns the request id."""
     for name in (b"x-request-id", b"date", b"server"):
@@ -65,13 +67,15 @@ def assert_single_standard_headers(resp: Response) -> bytes:
     return rid
 
 
-def reset_ms(seconds_from_now: float) -> int:
-    return int((time.time() + seconds_from_now) * 1000)
+@pytest.fixture
+def make_proxy(make_proxy: ProxyFactory, clock: FakeClock) -> ProxyFactory:
+    return clocked(make_proxy, clock)
 
 
-async def cool_every_key(app: App, fake: FakeOpenRouter, seconds: float = 40) -> None:
+async def cool_every_key(app: App, fake: FakeOpenRouter, clock: FakeClock,
+                         seconds: float = 40) -> None:
     async def script(req: Recorded, resp: Responder) -> None:
-        await resp.json(429, rate_limited_body(reset_ms(seconds)))
+        await resp.json(429, rate_limited_body(reset_ms(seconds, clock.wall())))
 
     fake.script = script
     resp = await chat(app.port)
@@ -106,19 +110,19 @@ async def test_bad_access_key_gets_401(
     resp = await chat(proxy.port, headers)
     assert resp.status == 401
     assert resp.header(b"www-authenticate") == b"Bearer"
-    error_of(resp, 401)
+    error_of(resp)
     assert_single_standard_headers(resp)
     assert fake.requests == []
 
 
-def invalid_limited_ok(invalid_message: str) -> Script:
+def invalid_limited_ok(invalid_message: str, clock: FakeClock) -> Script:
     """Upstream that refuses the first key (401), rate-limits the second, serves the third."""
     async def script(req: Recorded, resp: Responder) -> None:
         auth = req.header(b"authorization")
         if auth == b"Bearer " + KEYS[0].encode():
             await resp.json(401, {"error": {"code": 401, "message": invalid_message}})
         elif auth == b"Bearer " + KEYS[1].encode():
-            await resp.json(429, rate_limited_body(reset_ms(30)))
+            await resp.json(429, rate_limited_body(reset_ms(30, clock.wall())))
         else:
             await resp.json(200, completion())
 
@@ -128,8 +132,7 @@ def invalid_limited_ok(invalid_message: str) -> Script:
 async def test_401_on_get_without_body_keeps_the_connection(
     proxy: App, fake: FakeOpenRouter
 ) -> None:
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.send(request(b"GET", b"/api/v1/key"))
         first = await client.response()
         assert first.status == 401
@@ -137,14 +140,11 @@ async def test_401_on_get_without_body_keeps_the_connection(
         await client.send(request(b"GET", b"/api/v1/key", [AUTH]))
         second = await client.response()
         assert second.status == 200
-    finally:
-        client.close()
     assert [r.target for r in fake.requests] == [b"/api/v1/key"]
 
 
 async def test_401_is_sent_before_an_expected_body(proxy: App, fake: FakeOpenRouter) -> None:
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.send(b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                           b"Authorization: Bearer wrong\r\nContent-Length: 1000\r\n"
                           b"Expect: 100-continue\r\n\r\n")
@@ -152,9 +152,7 @@ async def test_401_is_sent_before_an_expected_body(proxy: App, fake: FakeOpenRou
         assert resp.status == 401
         assert not client.raw.startswith(b"HTTP/1.1 100")  # the body was never asked for
         assert resp.header(b"connection") == b"close"
-        assert await client.closed()
-    finally:
-        client.close()
+        await client.wait_eof()
     assert fake.requests == []
 
 
@@ -222,9 +220,9 @@ async def test_public_endpoint_is_forwarded_without_authorization(
 
 
 async def test_public_endpoint_works_while_every_key_cools(
-    proxy: App, fake: FakeOpenRouter
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
-    await cool_every_key(proxy, fake)
+    await cool_every_key(proxy, fake, clock)
     fake.script = models_script
     resp = await get(proxy.port, b"/api/v1/models")
     assert resp.status == 200
@@ -232,9 +230,11 @@ async def test_public_endpoint_works_while_every_key_cools(
     assert fake.requests[-1].header(b"authorization") is None
 
 
-async def test_public_endpoint_429_cools_no_key(proxy: App, fake: FakeOpenRouter) -> None:
+async def test_public_endpoint_429_cools_no_key(
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
+) -> None:
     async def script(req: Recorded, resp: Responder) -> None:
-        await resp.json(429, rate_limited_body(reset_ms(30)))
+        await resp.json(429, rate_limited_body(reset_ms(30, clock.wall())))
 
     fake.script = script
     resp = await get(proxy.port, b"/api/v1/models")
@@ -327,7 +327,7 @@ async def test_upstream_request_id_and_duplicate_headers_are_not_passed_on(
 
 
 async def test_every_kind_of_response_has_one_id_date_and_server(
-    proxy: App, fake: FakeOpenRouter
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
     async def bare(req: Recorded, resp: Responder) -> None:  # no Date, no Server upstream
         if req.target.startswith(b"/api/v1/boom"):
@@ -352,7 +352,7 @@ async def test_every_kind_of_response_has_one_id_date_and_server(
         "405": await get(proxy.port, b"/health", method=b"DELETE"),
         "400 dot segment": await get(proxy.port, b"/api/v1/../etc/passwd", [AUTH]),
     }
-    await cool_every_key(proxy, fake)
+    await cool_every_key(proxy, fake, clock)
     responses["429 no key"] = await chat(proxy.port)
     responses["503 health"] = await get(proxy.port, b"/health")
     expected = {"forwarded 200": 200, "forwarded 500": 500, "public": 200, "health": 200,
@@ -383,8 +383,10 @@ async def test_health_reports_key_counts(proxy: App, fake: FakeOpenRouter) -> No
     assert fake.requests == []
 
 
-async def test_health_counts_cooling_and_disabled_keys(proxy: App, fake: FakeOpenRouter) -> None:
-    fake.script = invalid_limited_ok("User not found.")
+async def test_health_counts_cooling_and_disabled_keys(
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
+) -> None:
+    fake.script = invalid_limited_ok("User not found.", clock)
     assert (await chat(proxy.port)).status == 200
     doc = json.loads((await get(proxy.port, b"/health")).body)
     assert doc["status"] == "ok"
@@ -392,8 +394,10 @@ async def test_health_counts_cooling_and_disabled_keys(proxy: App, fake: FakeOpe
                            "cooling": 1, "disabled": 1, "total": 3}
 
 
-async def test_health_is_503_when_every_key_cools(proxy: App, fake: FakeOpenRouter) -> None:
-    await cool_every_key(proxy, fake, seconds=25)
+async def test_health_is_503_when_every_key_cools(
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
+) -> None:
+    await cool_every_key(proxy, fake, clock, seconds=25)
     resp = await get(proxy.port, b"/health")
     assert resp.status == 503
     doc = json.loads(resp.body)
@@ -450,15 +454,15 @@ def secret_fragments() -> list[str]:
     return out
 
 
-async def make_key_states(proxy: App, fake: FakeOpenRouter) -> None:
-    fake.script = invalid_limited_ok("Invalid key " + KEYS[0])
+async def make_key_states(proxy: App, fake: FakeOpenRouter, clock: FakeClock) -> None:
+    fake.script = invalid_limited_ok("Invalid key " + KEYS[0], clock)
     assert (await chat(proxy.port)).status == 200
 
 
 async def test_metrics_raw_is_prometheus_text_without_secrets(
-    proxy: App, fake: FakeOpenRouter
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
-    await make_key_states(proxy, fake)
+    await make_key_states(proxy, fake, clock)
     await get(proxy.port, b"/nope")
     resp = await get(proxy.port, b"/metrics/raw", [AUTH])
     assert resp.status == 200
@@ -489,9 +493,9 @@ async def test_metrics_raw_is_prometheus_text_without_secrets(
 
 
 async def test_metrics_dashboard_is_html_and_its_data_has_masked_keys_only(
-    proxy: App, fake: FakeOpenRouter
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
-    await make_key_states(proxy, fake)
+    await make_key_states(proxy, fake, clock)
     resp = await get(proxy.port, b"/metrics", [AUTH])
     assert resp.status == 200
     assert resp.header(b"content-type") == b"text/html; charset=utf-8"
@@ -554,7 +558,7 @@ async def test_unknown_paths_get_404_json(proxy: App, fake: FakeOpenRouter, targ
                                           ) -> None:
     resp = await get(proxy.port, target, [AUTH])
     assert resp.status == 404
-    error_of(resp, 404)
+    error_of(resp)
     assert fake.requests == []
 
 
@@ -562,14 +566,14 @@ async def test_post_health_gets_405_with_allow(proxy: App) -> None:
     resp = await roundtrip(proxy.port, request(b"POST", b"/health", [], b'{"a":1}'), b"POST")
     assert resp.status == 405
     assert resp.header(b"allow") == b"GET, HEAD"
-    error_of(resp, 405)
+    error_of(resp)
 
 
 async def test_dot_segments_never_reach_the_upstream(proxy: App, fake: FakeOpenRouter) -> None:
     for target in (b"/api/v1/../../secret", b"/api/v1/%2e%2e/x", b"/api/v1/./models"):
         resp = await get(proxy.port, target, [AUTH])
         assert resp.status == 400, target
-        error_of(resp, 400)
+        error_of(resp)
     assert fake.requests == []
 
 
@@ -587,5 +591,5 @@ async def test_access_log_counts_local_response_bytes(
 async def test_a_miss_of_the_base_url_names_the_right_one(proxy: App, target: bytes) -> None:
     resp = await get(proxy.port, target, [AUTH])
     assert resp.status == 404
-    message = error_of(resp, 404)["message"]
+    message = error_of(resp)["message"]
     assert f"http://127.0.0.1:{proxy.port}/api/v1" in message

@@ -8,47 +8,22 @@ and a port that is already taken.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import http.client
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
 from orproxy import __version__
 from orproxy.keys import key_id, mask_key
-from tests import procs
 from tests.conftest import ACCESS_KEY, KEYS
 from tests.fakeor import FakeOpenRouter, Recorded, Responder
-
-REPO = Path(__file__).resolve().parents[1]
-STARTUP_SECONDS = 20.0
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENROUTER_KEYS", "ORPROXY_ACCESS_KEY")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
-            ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orproxy", *args], cwd=cwd,
-                          env=env or clean_env(), capture_output=True, text=True, timeout=30)
+from tests.procs import free_port, orproxy_env, orproxy_process, proxy_process, run_orproxy
+from tests.rawhttp import connected, refused, roundtrip
 
 
 def write_config(path: Path, doc: Any) -> Path:
@@ -78,7 +53,7 @@ def test_config_errors_are_all_listed_with_paths(tmp_path: Path) -> None:
         "retry": {"max_attempts": 0},
         "bogus": 1,
     })
-    result = run_cli("--config", str(config), cwd=tmp_path)
+    result = run_orproxy("--config", str(config), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
@@ -111,9 +86,9 @@ def test_config_errors_are_all_listed_with_paths(tmp_path: Path) -> None:
 
 
 def test_invalid_env_key_is_reported_masked(tmp_path: Path) -> None:
-    env = clean_env(OPENROUTER_KEYS=f"{KEYS[1]}, sk-live-abcdefghijklmnop1234 ,",
+    env = orproxy_env(OPENROUTER_KEYS=f"{KEYS[1]}, sk-live-abcdefghijklmnop1234 ,",
                     ORPROXY_ACCESS_KEY=ACCESS_KEY)
-    result = run_cli("--check", cwd=tmp_path, env=env)
+    result = run_orproxy("--check", cwd=tmp_path, env=env)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert problems(result.stderr) == [
@@ -122,7 +97,7 @@ def test_invalid_env_key_is_reported_masked(tmp_path: Path) -> None:
 
 
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
-    result = run_cli("--config", str(tmp_path / "nope.yml"), cwd=tmp_path)
+    result = run_orproxy("--config", str(tmp_path / "nope.yml"), cwd=tmp_path)
     assert result.returncode == 2
     assert problems(result.stderr) == [f"{tmp_path / 'nope.yml'}: no such file"]
     assert "Traceback" not in result.stderr
@@ -132,7 +107,7 @@ def test_invalid_yaml_is_an_error_without_leaking_keys(tmp_path: Path) -> None:
     secret = "sk-or-v1-secret-aaaaaaaaaaaaaaa1"
     config = write_config(tmp_path / "broken.yml",
                           f'server:\n  access_key: abc\nopenrouter:\n  keys: [{secret}, "x]\n')
-    result = run_cli("--config", str(config), cwd=tmp_path)
+    result = run_orproxy("--config", str(config), cwd=tmp_path)
     assert result.returncode == 2
     [problem] = problems(result.stderr)
     assert problem.startswith(f"{config}: not valid YAML")
@@ -143,7 +118,7 @@ def test_invalid_yaml_is_an_error_without_leaking_keys(tmp_path: Path) -> None:
 def test_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     config = tmp_path / "latin1.yml"
     config.write_bytes(b"# r\xe9glages\nserver:\n  access_key: abc\n")
-    result = run_cli("--config", str(config), "--check", cwd=tmp_path)
+    result = run_orproxy("--config", str(config), "--check", cwd=tmp_path)
     assert "Traceback" not in result.stderr
     assert result.returncode == 2
     [problem] = problems(result.stderr)
@@ -151,7 +126,7 @@ def test_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_config_path_that_is_a_directory_is_a_config_error(tmp_path: Path) -> None:
-    result = run_cli("--config", str(tmp_path), "--check", cwd=tmp_path)
+    result = run_orproxy("--config", str(tmp_path), "--check", cwd=tmp_path)
     assert result.returncode == 2
     assert problems(result.stderr) == [f"{tmp_path}: is a directory, not a config file"]
     assert "Traceback" not in result.stderr
@@ -159,13 +134,13 @@ def test_config_path_that_is_a_directory_is_a_config_error(tmp_path: Path) -> No
 
 def test_config_that_is_not_a_mapping_is_a_config_error(tmp_path: Path) -> None:
     config = write_config(tmp_path / "list.yml", "- a\n- b\n")
-    result = run_cli("--config", str(config), "--check", cwd=tmp_path)
+    result = run_orproxy("--config", str(config), "--check", cwd=tmp_path)
     assert result.returncode == 2
     assert problems(result.stderr) == ["(top level): must be a mapping, got list"]
 
 
 def test_no_config_and_no_env_says_where_it_looked(tmp_path: Path) -> None:
-    result = run_cli("--check", cwd=tmp_path)
+    result = run_orproxy("--check", cwd=tmp_path)
     assert result.returncode == 2
     [found] = problems(result.stderr)
     assert found.startswith(f"no configuration: no --config given and no config.yml in "
@@ -175,7 +150,7 @@ def test_no_config_and_no_env_says_where_it_looked(tmp_path: Path) -> None:
 
 def test_an_empty_config_lists_what_is_missing(tmp_path: Path) -> None:
     write_config(tmp_path / "config.yml", "{}\n")
-    result = run_cli("--check", cwd=tmp_path)
+    result = run_orproxy("--check", cwd=tmp_path)
     assert result.returncode == 2
     found = problems(result.stderr)
     assert len(found) == 2
@@ -190,7 +165,7 @@ def test_check_on_a_good_config(tmp_path: Path) -> None:
                        "key_selection_strategy": "first", "global_rate_delay": 1.5},
         "requestProxy": {"enabled": False, "url": None},
     })
-    result = run_cli("--config", str(config), "--check", cwd=tmp_path)
+    result = run_orproxy("--config", str(config), "--check", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
@@ -207,8 +182,8 @@ def test_check_on_a_good_config(tmp_path: Path) -> None:
 
 
 def test_check_from_the_environment_only(tmp_path: Path) -> None:
-    env = clean_env(OPENROUTER_KEYS=",".join(KEYS), ORPROXY_ACCESS_KEY=ACCESS_KEY)
-    result = run_cli("check", "--port", "6001", cwd=tmp_path, env=env)  # no ./config.yml
+    env = orproxy_env(OPENROUTER_KEYS=",".join(KEYS), ORPROXY_ACCESS_KEY=ACCESS_KEY)
+    result = run_orproxy("check", "--port", "6001", cwd=tmp_path, env=env)  # no ./config.yml
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].endswith("configuration OK (no file (environment only))")
@@ -222,73 +197,35 @@ def test_check_from_the_environment_only(tmp_path: Path) -> None:
 # --- running ---------------------------------------------------------------------------------
 
 
-def wait_listening(proc: subprocess.Popen[bytes], port: int) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"orproxy exited early with {proc.returncode}"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("orproxy did not start listening")
+HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
-@contextlib.contextmanager
-def running(cwd: Path, args: list[str], env: dict[str, str], port: int,
-            log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "orproxy", *args], cwd=cwd, env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        wait_listening(proc, port)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-
-
-def get_json(port: int, path: str, headers: dict[str, str] | None = None,
-             ) -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
-
-
+@pytest.mark.anyio
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_env_start_serves_health_and_stops_on_signal(tmp_path: Path, sig: signal.Signals
-                                                     ) -> None:
-    port = procs.free_port()
+async def test_env_start_serves_health_and_stops_on_signal(tmp_path: Path, sig: signal.Signals
+                                                           ) -> None:
+    port = free_port()
     write_config(tmp_path / "config.yml", {"server": {"port": port}})  # found as ./config.yml
-    env = clean_env(OPENROUTER_KEYS=f" {KEYS[0]} ,{KEYS[2]}", ORPROXY_ACCESS_KEY=ACCESS_KEY)
-    log = tmp_path / "stderr.log"
-    with running(tmp_path, [], env, port, log) as proc:
-        status, doc = get_json(port, "/health")
-        assert status == 200
+    env = orproxy_env(OPENROUTER_KEYS=f" {KEYS[0]} ,{KEYS[2]}", ORPROXY_ACCESS_KEY=ACCESS_KEY)
+    async with orproxy_process(cwd=tmp_path, port=port, env=env) as proxy:
+        resp = await roundtrip(port, HEALTH)
+        assert resp.status == 200
+        doc = json.loads(resp.body)
         assert doc["status"] == "ok"
         assert doc["keys"] == {"available": 2, "free_limited": 0,
                                "cooling": 0, "disabled": 0, "total": 2}
-        status, doc = get_json(port, "/api/v1/chat/completions")
-        assert status == 401  # the access key from the environment is enforced
+        resp = await roundtrip(port, HEALTH.replace(b"/health", b"/api/v1/chat/completions"))
+        assert resp.status == 401  # the access key from the environment is enforced
         # an idle keep-alive connection must not hold the shutdown for the 30 s grace period
-        idle = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        try:
-            idle.request("GET", "/health")
-            first = idle.getresponse()
-            assert first.status == 200 and not first.will_close
-            first.read()
-            proc.send_signal(sig)
-            assert proc.wait(timeout=15) == 0
-            assert idle.sock is not None
-            assert idle.sock.recv(1) == b""  # closed by the server, nothing more sent
-        finally:
-            idle.close()
-    stderr = log.read_text()
+        async with connected(port) as idle:
+            await idle.send(HEALTH)
+            first = await idle.response()
+            assert first.status == 200
+            assert first.http_version == b"1.1" and first.header(b"connection") != b"close"
+            assert await proxy.stop(sig) == 0
+            assert await idle.wait_eof() == b""  # closed by the server, nothing more sent
+            assert not idle.reset
+    stderr = proxy.log()
     assert "Traceback" not in stderr
     assert f"listening on 127.0.0.1:{port}" in stderr
     assert re.search(r"INFO orproxy\.app stopped$", stderr, re.MULTILINE), stderr
@@ -305,7 +242,7 @@ def test_port_in_use_fails_with_a_clear_message(tmp_path: Path) -> None:
             "server": {"port": port, "access_key": ACCESS_KEY},
             "openrouter": {"keys": KEYS},
         })
-        result = run_cli("--config", str(config), cwd=tmp_path)
+        result = run_orproxy("--config", str(config), cwd=tmp_path)
     assert result.returncode not in (0, 2)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -332,40 +269,21 @@ async def test_sigterm_lets_a_running_stream_finish(
         await resp.end()
 
     fake.script = script
-    port = procs.free_port()
-    config = write_config(tmp_path / "c.yml", {
-        "server": {"port": port, "access_key": ACCESS_KEY},
-        "openrouter": {"keys": KEYS, "ca_file": ca_file,
-                       "base_url": f"https://127.0.0.1:{fake.port}/api/v1"},
-    })
-    log = tmp_path / "stderr.log"
-    with log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "orproxy", "--config", str(config), cwd=tmp_path,
-            env=clean_env(), stdout=asyncio.subprocess.DEVNULL, stderr=err)
-    try:
-        await procs.wait_listening(port, proc, STARTUP_SECONDS)
-        received = b""
-        async with httpx.AsyncClient(timeout=20) as client, client.stream(
-            "POST", f"http://127.0.0.1:{port}/api/v1/chat/completions",
-            headers={"Authorization": f"Bearer {ACCESS_KEY}"},
-            json={"model": "m", "messages": [], "stream": True},
-        ) as resp:
-            assert resp.status_code == 200
-            async for data in resp.aiter_raw():
-                received += data
-                if data == b'data: {"n":1}\n\n':
-                    proc.send_signal(signal.SIGTERM)
-                    await wait_refusing(port)  # stopped accepting new connections...
-                    assert proc.returncode is None  # ...but still serving this one
-                    gate.set()
+    first = b'data: {"n":1}\n\n'
+    async with proxy_process(tmp_path, fake.port, ca_file,
+                             server={"http_log_level": "INFO"}) as proxy:
+        async with connected(proxy.port) as client:
+            await client.request(b'{"model":"m","messages":[],"stream":true}')
+            assert (await client.head()).status_code == 200
+            assert await client.read_exactly(len(first)) == first
+            proxy.proc.send_signal(signal.SIGTERM)
+            await wait_refusing(proxy.port)  # stopped accepting new connections...
+            assert proxy.proc.returncode is None  # ...but still serving this one
+            gate.set()
+            received = first + await client.body(timeout=20)
         assert received == b'data: {"n":1}\n\ndata: {"n":2}\n\ndata: [DONE]\n\n'
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    stderr = log.read_text()
+        assert await asyncio.wait_for(proxy.proc.wait(), 15) == 0
+    stderr = proxy.log()
     assert "Traceback" not in stderr
     assert "stopped" in stderr
     assert "cut off" not in stderr
@@ -375,14 +293,12 @@ async def test_sigterm_lets_a_running_stream_finish(
 
 
 async def wait_refusing(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    deadline = asyncio.get_running_loop().time() + 10
+    while asyncio.get_running_loop().time() < deadline:
         try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except (ConnectionRefusedError, ConnectionResetError):  # reset: closed in the backlog
+            if await refused(port):
+                return
+        except ConnectionResetError:  # closed in the backlog
             return
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
         await asyncio.sleep(0.05)
     raise AssertionError("orproxy still accepts connections after SIGTERM")

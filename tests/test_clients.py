@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import anyio
@@ -18,8 +17,9 @@ import openai
 import pytest
 
 from orproxy.app import App
-from tests.conftest import ACCESS_KEY, KEYS, sample
-from tests.fakeor import FakeOpenRouter, Recorded, Responder, rate_limited_body
+from tests.conftest import ACCESS_KEY, KEYS, on_clock, sample
+from tests.fakeor import FakeOpenRouter, Recorded, Responder, rate_limited_body, reset_ms
+from tests.memstream import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -190,9 +190,10 @@ async def test_openai_models_list(proxy: App, fake: FakeOpenRouter) -> None:
 
 
 async def test_openai_rate_limit_error_when_every_key_cools(
-    proxy: App, fake: FakeOpenRouter
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
-    reset = int((time.time() + 12) * 1000)
+    on_clock(proxy, clock)  # the rest is exactly 12 s: the test clock stands still
+    reset = reset_ms(12, clock.wall())
 
     async def limited(req: Recorded, resp: Responder) -> None:
         await resp.json(429, rate_limited_body(reset))

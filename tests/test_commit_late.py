@@ -3,7 +3,7 @@ held until its first real event, so an error before any content can still go to 
 key; everything else reaches the client byte for byte.
 
 The fake streams per key with real-shaped OpenRouter chunks; the client reads the response
-piece by piece (``StreamClient``) and keeps every raw byte, so a test can tell whether the
+piece by piece (``RawClient``) and keeps every raw byte, so a test can tell whether the
 head has arrived yet, how many heads came, and whether the body ended properly. Each fake
 stream that is failed over stays open until the proxy closes it, and says so.
 """
@@ -23,7 +23,8 @@ from orproxy.app import App
 from orproxy.keys import KeyState
 from tests.conftest import KEYS, ProxyFactory, sample
 from tests.fakeor import FakeOpenRouter, Recorded, Responder
-from tests.streamhelpers import LAST_CHUNK, StreamClient, eventually, gate, header_values
+from tests.rawhttp import LAST_CHUNK, RawClient, header_values
+from tests.streamhelpers import eventually, gate
 from tests.test_limits_e2e import Clocks, take_time
 from tests.test_rotation import per_key, reset_ms, states, views
 
@@ -94,17 +95,17 @@ async def send_all(resp: Responder, parts: list[bytes]) -> None:
     await resp.end()
 
 
-Opener = Callable[..., Awaitable[StreamClient]]
+Opener = Callable[..., Awaitable[RawClient]]
 
 
 @pytest.fixture
 async def stream() -> AsyncIterator[Opener]:
     """Connects a client and sends REQUEST; every client is closed at teardown, passed or
     failed (a socket left to the garbage collector would fail a later test)."""
-    opened: list[StreamClient] = []
+    opened: list[RawClient] = []
 
-    async def start(port: int, body: bytes = REQUEST) -> StreamClient:
-        client = await StreamClient.connect(port)
+    async def start(port: int, body: bytes = REQUEST) -> RawClient:
+        client = await RawClient.connect(port)
         opened.append(client)
         await client.request(body)
         return client

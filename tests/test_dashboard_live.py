@@ -29,7 +29,7 @@ import pytest
 from orproxy.app import App
 from tests.browser import Browser, Page
 from tests.conftest import ACCESS_KEY, ProxyFactory, sample
-from tests.fakeor import FakeOpenRouter, Recorded, Responder
+from tests.fakeor import FakeOpenRouter, Recorded, Responder, reset_ms
 from tests.rawhttp import Response, roundtrip
 
 pytestmark = pytest.mark.anyio
@@ -116,10 +116,10 @@ class Upstream:
         body = req.json()
         if behaviour == "429":
             served.rate_limited += 1
-            reset_ms = int((time.time() + REST_SECONDS) * 1000)
+            reset = reset_ms(REST_SECONDS)
             await resp.json(429, {"error": {"code": 429, "message": DAILY_LIMIT, "metadata": {
                 "headers": {"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0",
-                            "X-RateLimit-Reset": str(reset_ms)}, "provider_name": None}}})
+                            "X-RateLimit-Reset": str(reset)}, "provider_name": None}}})
         elif behaviour == "401":
             served.errors += 1
             await resp.json(401, {"error": {"code": 401, "message": "User not found."}})

@@ -23,8 +23,6 @@ import json
 import logging
 import re
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,21 +39,26 @@ from orproxy.errors import ClientRequestError
 from orproxy.http.chunks import ChunkedGuard
 from orproxy.keys import key_id
 from tests.conftest import ACCESS_KEY, AUTH, KEYS, ProxyFactory
-from tests.fakeor import FakeOpenRouter, Recorded, Responder, completion, rate_limited_body
-from tests.findings_helpers import (
-    PeakSampler,
+from tests.fakeor import (
+    FakeOpenRouter,
+    Recorded,
+    Responder,
     SlowReadingFake,
-    cpu_seconds,
+    completion,
     error_of,
-    events_until_eof,
-    exchange,
+    rate_limited_body,
+    reset_ms,
+)
+from tests.procs import (
+    PeakSampler,
+    cpu_seconds,
     open_file_limit,
-    process_env,
     proxy_process,
     rss_bytes,
-    wait_until,
+    run_orproxy,
 )
-from tests.rawhttp import RawClient, Response
+from tests.rawhttp import LAST_CHUNK, RawClient, Response, connected, roundtrip
+from tests.streamhelpers import eventually
 
 AUTH_LINE = b"Authorization: " + AUTH[1] + b"\r\n"
 CHAT_BODY = b'{"model":"google/gemma-3-27b-it:free","messages":[{"role":"user","content":"hi"}]}'
@@ -136,9 +139,9 @@ async def test_request_the_upstream_may_have_received_is_sent_once(
     fake.script = script
     app = await make_proxy(timeouts={"upstream_first_byte_seconds": 0.5})
     if warm:
-        assert (await exchange(app.port, post())).status == 200
+        assert (await roundtrip(app.port, post())).status == 200
     try:
-        resp = await exchange(app.port, post(), timeout=10)
+        resp = await roundtrip(app.port, post(), timeout=10)
     finally:
         gate.open()
     status, message = FAILURES[failure]
@@ -183,19 +186,19 @@ async def test_descriptor_exhaustion_is_served_within_a_budget(
         await resp.json(200, completion())
 
     fake.script = slow
-    async with proxy_process(tmp_path, fake, ca_file, nofile=(256, 256)) as proxy:
-        match = CAP_LINE.search(proxy.stderr())
-        assert match, proxy.stderr()
+    async with proxy_process(tmp_path, fake.port, ca_file, nofile=(256, 256)) as proxy:
+        match = CAP_LINE.search(proxy.log())
+        assert match, proxy.log()
         cap = int(match.group(1))
         assert 8 <= cap <= 128  # two descriptors a connection, within 256 less a reserve
 
-        clients = [asyncio.ensure_future(exchange(proxy.port, post())) for _ in range(300)]
+        clients = [asyncio.ensure_future(roundtrip(proxy.port, post())) for _ in range(300)]
         idle: list[RawClient] = []
         queued: list[asyncio.Future[Response]] = []
         try:
             # the first `cap` clients are forwarded and wait on the upstream; the others
             # are taken from the backlog onto the reserve and told to come back
-            await wait_until(lambda: len(fake.requests) == cap and
+            await eventually(lambda: len(fake.requests) == cap and
                              sum(c.done() for c in clients) == 300 - cap, 15,
                              "the forwarded clients to wait and the rest to be answered")
             assert len(fake.requests) == cap  # the cap holds: no forwarding beyond it
@@ -208,7 +211,7 @@ async def test_descriptor_exhaustion_is_served_within_a_budget(
             # fill the reserve with silent clients, so the next ones stay in the backlog:
             # the listening socket is readable all along, and the proxy must not spin on it
             idle += [await RawClient.connect(proxy.port) for _ in range(8)]
-            queued += [asyncio.ensure_future(exchange(proxy.port, post())) for _ in range(10)]
+            queued += [asyncio.ensure_future(roundtrip(proxy.port, post())) for _ in range(10)]
             await asyncio.sleep(0.3)
             assert not any(q.done() for q in queued)  # not accepted: at the cap and reserve
             before = cpu_seconds(proxy.pid)
@@ -221,7 +224,7 @@ async def test_descriptor_exhaustion_is_served_within_a_budget(
                 client.close()
             for resp in await asyncio.wait_for(asyncio.gather(*queued), 10):
                 assert resp.status == 503
-            health = await exchange(proxy.port, get(b"/health", auth=False), b"GET", 5)
+            health = await roundtrip(proxy.port, get(b"/health", auth=False), timeout=5)
             assert health.status == 200, health
             assert json.loads(health.body)["status"] == "ok"
             assert len(fake.requests) == cap  # still saturated: nothing more went up
@@ -236,7 +239,7 @@ async def test_descriptor_exhaustion_is_served_within_a_budget(
         answers = await asyncio.wait_for(asyncio.gather(*clients), 15)
         assert sum(a.status == 200 for a in answers) == cap
         assert sorted({a.status for a in answers}) == [200, 503]  # never a 502
-        stderr = proxy.stderr()
+        stderr = proxy.log()
     assert "Traceback" not in stderr
     assert "upstream unreachable" not in stderr and "Too many open files" not in stderr
     about_limit = [line for line in stderr.splitlines() if LIMIT_WORDS.search(line)]
@@ -248,11 +251,11 @@ async def test_descriptor_exhaustion_is_served_within_a_budget(
 async def test_soft_open_file_limit_is_raised_to_the_hard_one(
     fake: FakeOpenRouter, ca_file: str, tmp_path: Path
 ) -> None:
-    async with proxy_process(tmp_path, fake, ca_file, nofile=(128, 512)) as proxy:
+    async with proxy_process(tmp_path, fake.port, ca_file, nofile=(128, 512)) as proxy:
         assert open_file_limit(proxy.pid) == (512, 512)
-        resp = await exchange(proxy.port, post())
+        resp = await roundtrip(proxy.port, post())
         assert resp.status == 200
-        stderr = proxy.stderr()
+        stderr = proxy.log()
     assert re.search(r"listening on .* up to \d+ connections \(open-file limit 512\)", stderr), \
         stderr
 
@@ -264,8 +267,7 @@ async def test_soft_open_file_limit_is_raised_to_the_hard_one(
 async def test_public_endpoint_is_public_for_reading_only(
     proxy: App, fake: FakeOpenRouter
 ) -> None:
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         # a large body (within max_body_bytes) announced, a little sent: the 401 must not
         # wait for the rest
         await client.send(b"POST /api/v1/models HTTP/1.1\r\nHost: proxy\r\n"
@@ -275,18 +277,16 @@ async def test_public_endpoint_is_public_for_reading_only(
         assert error_of(resp)["message"] == "missing or invalid access key"
         assert resp.header(b"www-authenticate") == b"Bearer"
         assert resp.header(b"connection") == b"close"
-        assert await client.closed(timeout=3)
-    finally:
-        client.close()
+        await client.wait_eof(timeout=3)
     assert fake.requests == []
 
-    resp = await exchange(proxy.port, post(b"/api/v1/models", b'{"q":1}'))
+    resp = await roundtrip(proxy.port, post(b"/api/v1/models", b'{"q":1}'))
     assert resp.status == 200
     [sent] = fake.requests
     assert sent.method == b"POST" and sent.body == b'{"q":1}'
     key_used(sent)  # forwarded with an upstream key
 
-    resp = await exchange(proxy.port, get(b"/api/v1/models", auth=False), b"GET")
+    resp = await roundtrip(proxy.port, get(b"/api/v1/models", auth=False), b"GET")
     assert resp.status == 200
     assert fake.requests[1].header(b"authorization") is None  # reading stays public
 
@@ -302,8 +302,8 @@ async def test_large_body_is_held_once(ca_file: str, server_tls: ssl.SSLContext,
     fake = SlowReadingFake(tls=server_tls)
     await fake.start()
     try:
-        async with proxy_process(tmp_path, fake, ca_file) as proxy:
-            warm = await exchange(proxy.port, post(body=b'{"x":' + b"1" * 300_000 + b"}"))
+        async with proxy_process(tmp_path, fake.port, ca_file) as proxy:
+            warm = await roundtrip(proxy.port, post(body=b'{"x":' + b"1" * 300_000 + b"}"))
             assert warm.status == 200
             await asyncio.sleep(0.2)
             baseline = rss_bytes(proxy.pid)
@@ -311,7 +311,7 @@ async def test_large_body_is_held_once(ca_file: str, server_tls: ssl.SSLContext,
             sampler.start()
             started = time.monotonic()
             body = b"y" * BIG_BODY_BYTES
-            resp = await exchange(proxy.port, post(body=body), timeout=60)
+            resp = await roundtrip(proxy.port, post(body=body), timeout=60)
             peak = await sampler.stop()
             took = time.monotonic() - started
         assert resp.status == 200
@@ -344,16 +344,13 @@ async def test_impossible_chunk_size_is_refused_at_once(
     """The chunk-size line alone decides: the answer comes while the client sends nothing
     more (h11 would wait for bytes that can never come)."""
     app = await make_proxy(limits={"max_body_bytes": 1000})
-    client = await RawClient.connect(app.port)
-    try:
+    async with connected(app.port) as client:
         await client.send(CHUNKED_HEAD + line)
         resp = await client.response(b"POST", timeout=1.0)
         assert resp.status == status
         assert error_of(resp)["message"] == message
         assert resp.header(b"connection") == b"close"
-        assert await client.closed(timeout=1.0)
-    finally:
-        client.close()
+        await client.wait_eof(timeout=1.0)
     assert fake.requests == []
 
 
@@ -417,17 +414,17 @@ async def test_idle_connection_closed_by_upstream_leaves_the_pool_at_once(
     fake.script = script
     pool = proxy.services.upstream
     try:
-        assert (await exchange(proxy.port, post())).status == 200
-        await wait_until(lambda: pool.snapshot().idle == 1, 2, "the connection to be pooled")
+        assert (await roundtrip(proxy.port, post())).status == 200
+        await eventually(lambda: pool.snapshot().idle == 1, 2, "the connection to be pooled")
         assert sockets_to(fake.port) == [psutil.CONN_ESTABLISHED]
     finally:
         gate.open()
-    await wait_until(lambda: pool.snapshot().idle == 0, 1, "the closed connection to leave")
+    await eventually(lambda: pool.snapshot().idle == 0, 1, "the closed connection to leave")
     # our side is closed too: no socket left behind in CLOSE_WAIT
-    await wait_until(lambda: sockets_to(fake.port) == [], 1, "our side to be closed")
+    await eventually(lambda: sockets_to(fake.port) == [], 1, "our side to be closed")
     assert pool.snapshot().dropped_idle == 1
 
-    assert (await exchange(proxy.port, post())).status == 200
+    assert (await roundtrip(proxy.port, post())).status == 200
     assert fake.opened == 2  # a fresh connection, not the dead one
     assert [r.conn_id for r in fake.requests] == [1, 2]
     await asyncio.gather(*closers)
@@ -450,14 +447,14 @@ async def test_grace_running_out_before_the_head_answers_503(
     client = await RawClient.connect(app.port)
     try:
         await client.send(post())
-        await wait_until(lambda: len(fake.requests) == 1, 5, "the request to go up")
+        await eventually(lambda: len(fake.requests) == 1, 5, "the request to go up")
         shutdown = asyncio.ensure_future(app.shutdown())
         resp = await client.response(b"POST", timeout=5)
         assert resp.status == 503
         assert error_of(resp)["message"] == "proxy shutting down; retry shortly"
         assert resp.header(b"connection") == b"close"
         assert resp.header(b"retry-after") == b"1"
-        assert await client.closed(timeout=3)
+        await client.wait_eof(timeout=3)
         client.close()
         await asyncio.wait_for(shutdown, 10)
         assert sockets_to(fake.port) == []  # the upstream request was dropped
@@ -479,20 +476,20 @@ async def test_grace_running_out_mid_stream_cuts_without_a_final_chunk(
 
     fake.script = stream
     app = await make_proxy(timeouts={"shutdown_grace_seconds": 0.5})
+    first = b'data: {"n":1}\n\n'
     client = await RawClient.connect(app.port)
     try:
         await client.send(post())
-        while b'data: {"n":1}' not in client.raw:
-            await client.read_some(5)
+        assert (await client.head(method=b"POST")).status_code == 200
+        assert await client.read_exactly(len(first)) == first
         shutdown = asyncio.ensure_future(app.shutdown())
-        assert await client.closed(timeout=5)
+        # the connection ends with nothing more, and not as a complete response would
+        assert await client.truncated_body(timeout=5) == b""
         await asyncio.wait_for(shutdown, 10)
     finally:
         client.close()
         gate.open()
-    events = events_until_eof(bytes(client.raw))
-    assert events == ["Response", "Data", "incomplete"], events
-    assert not client.raw.endswith(b"0\r\n\r\n")
+    assert not client.raw.endswith(LAST_CHUNK)
 
 
 # --- 7. our words only: malformed requests and config errors ----------------------------------
@@ -528,13 +525,10 @@ async def test_malformed_request_is_answered_in_our_words(
     name: str, proxy: App, fake: FakeOpenRouter
 ) -> None:
     data, status, message = MALFORMED[name]
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.send(data)
         resp = await client.response(timeout=5)
-        assert await client.closed(timeout=3)
-    finally:
-        client.close()
+        await client.wait_eof(timeout=3)
     assert resp.status == status
     error = error_of(resp)
     assert error["message"] == message
@@ -598,9 +592,7 @@ def test_check_never_echoes_a_secret(tmp_path: Path) -> None:
             doc[section][name] = value
     config = tmp_path / "c.yml"
     config.write_text(yaml.safe_dump(doc))
-    result = subprocess.run([sys.executable, "-m", "orproxy", "--config", str(config),
-                             "--check"], cwd=tmp_path, env=process_env(), capture_output=True,
-                            text=True, timeout=30)
+    result = run_orproxy("--config", str(config), "--check", cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     problems = [line for line in result.stderr.splitlines() if line.startswith("  - ")]
@@ -628,7 +620,7 @@ async def test_encoded_dot_segments_are_refused(target: bytes, proxy: App,
                                                 fake: FakeOpenRouter) -> None:
     for method in (b"GET", b"POST"):
         data = get(target) if method == b"GET" else post(target)
-        resp = await exchange(proxy.port, data, method, timeout=5)
+        resp = await roundtrip(proxy.port, data, method, timeout=5)
         assert resp.status == 400, method
         assert error_of(resp)["message"] == "invalid request target"
     assert fake.requests == []
@@ -638,7 +630,7 @@ async def test_encoded_dot_segments_are_refused(target: bytes, proxy: App,
 async def test_dots_inside_names_pass(proxy: App, fake: FakeOpenRouter) -> None:
     for target in (b"/api/v1/models/a.b/endpoints", b"/api/v1/models/x..y/endpoints",
                    b"/api/v1/models/.well/a%2Eb", b"/api/v1/models?x=..%2f"):
-        resp = await exchange(proxy.port, get(target), b"GET", timeout=5)
+        resp = await roundtrip(proxy.port, get(target), b"GET", timeout=5)
         assert resp.status == 200, target
     assert [r.target for r in fake.requests] == [
         b"/api/v1/models/a.b/endpoints", b"/api/v1/models/x..y/endpoints",
@@ -663,7 +655,7 @@ async def test_local_pages_are_not_cacheable_and_proxied_ones_keep_theirs(
     }
     for name, (data, status) in local.items():
         method = data.split(b" ", 1)[0]
-        resp = await exchange(proxy.port, data, method, timeout=5)
+        resp = await roundtrip(proxy.port, data, method, timeout=5)
         assert resp.status == status, name
         assert resp.headers_named(b"cache-control") == [b"no-store"], name
 
@@ -674,10 +666,10 @@ async def test_local_pages_are_not_cacheable_and_proxied_ones_keep_theirs(
             await resp.json(200, completion())
 
     fake.script = cacheable
-    resp = await exchange(proxy.port, get(b"/api/v1/models", auth=False), b"GET")
+    resp = await roundtrip(proxy.port, get(b"/api/v1/models", auth=False), b"GET")
     assert resp.status == 200
     assert resp.headers_named(b"cache-control") == [b"public, max-age=60"]
-    resp = await exchange(proxy.port, post())
+    resp = await roundtrip(proxy.port, post())
     assert resp.status == 200
     assert resp.headers_named(b"cache-control") == []  # none of ours added to theirs
 
@@ -692,7 +684,7 @@ DAILY_MESSAGE = ("Rate limit exceeded: free-models-per-day. Add 10 credits to un
 async def test_every_no_key_429_carries_openrouters_message(
     proxy: App, fake: FakeOpenRouter
 ) -> None:
-    reset = int((time.time() + 3600) * 1000)
+    reset = reset_ms(3600)
 
     async def daily_limit(req: Recorded, resp: Responder) -> None:
         await resp.json(429, rate_limited_body(reset, DAILY_MESSAGE))
@@ -700,7 +692,7 @@ async def test_every_no_key_429_carries_openrouters_message(
     fake.script = daily_limit
     answers: list[Response] = []
     for _ in range(4):
-        answers.append(await exchange(proxy.port, post()))
+        answers.append(await roundtrip(proxy.port, post()))
     assert len(fake.requests) == len(KEYS)  # the first request rested every key
     assert sorted(key_used(r) for r in fake.requests) == sorted(KEYS)
     for resp in answers:

@@ -8,8 +8,8 @@ drive plain blocking sockets example after example against one running proxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -24,6 +24,7 @@ from orproxy.app import App
 from orproxy.config import build_config
 from tests.conftest import AUTH, proxy_config
 from tests.fakeor import FakeOpenRouter, Recorded, Responder
+from tests.rawhttp import connected
 
 BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
 REQUEST = (b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: "
@@ -111,26 +112,22 @@ def running(server_tls: ssl.SSLContext, ca_file: str) -> Iterator[Running]:
 
 
 def exchange(port: int, pieces: list[bytes], timeout: float = 5.0) -> bytes:
-    """Send pieces one by one, then read until the proxy closes or goes quiet."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
+    """Send pieces one by one, then read until the proxy closes or goes quiet for
+    ``timeout``; every byte received. (On an event loop of this thread's own: the proxy's
+    runs in another.)"""
+    return asyncio.run(_exchange(port, pieces, timeout))
+
+
+async def _exchange(port: int, pieces: list[bytes], timeout: float) -> bytes:
+    async with connected(port) as client:
+        with contextlib.suppress(OSError):
             for piece in pieces:
-                sock.sendall(piece)
-        except OSError:
-            pass
-        received = bytearray()
-        try:
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                received += data
-                if _complete_responses(bytes(received)) >= 1 and b"\r\n0\r\n\r\n" in received:
-                    break
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return bytes(received)
+                await client.send(piece)
+        with contextlib.suppress(TimeoutError):
+            while not client.eof and not (_complete_responses(bytes(client.raw)) >= 1
+                                          and b"\r\n0\r\n\r\n" in client.raw):
+                await client.read_some(timeout)
+    return bytes(client.raw)
 
 
 def _complete_responses(data: bytes) -> int:

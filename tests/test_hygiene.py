@@ -12,7 +12,8 @@ import pytest
 from orproxy.app import App
 from tests.conftest import AUTH, ProxyFactory
 from tests.fakeor import FakeOpenRouter, Recorded, Responder
-from tests.rawhttp import RawClient, roundtrip
+from tests.procs import free_port
+from tests.rawhttp import connected, roundtrip
 
 pytestmark = pytest.mark.anyio
 
@@ -83,19 +84,15 @@ async def test_pipelining_client_that_never_reads_does_not_grow_our_buffer(
     make_proxy: ProxyFactory,
 ) -> None:
     app = await make_proxy(timeouts={"client_write_seconds": 1})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", app.port))
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    try:
+    async with connected(app.port, rcvbuf=4096) as client:
+        client.stop_reading()
         request = b"GET /metrics/raw HTTP/1.1\r\nHost: a\r\n\r\n"
         sent = 0
-        for _ in range(2000):
-            try:
-                sent += sock.send(request * 5)
-            except BlockingIOError:
+        for _ in range(2000):  # until the kernel takes no more: the proxy stopped reading
+            if client.writer.transport.get_write_buffer_size():
                 break
+            client.writer.write(request * 5)
+            sent += len(request) * 5
             await asyncio.sleep(0)
         await asyncio.sleep(0.3)
         buffered = [h.stream.transport.get_write_buffer_size() for h in app.services.connections
@@ -105,8 +102,6 @@ async def test_pipelining_client_that_never_reads_does_not_grow_our_buffer(
         await asyncio.sleep(2.0)
         assert not app.services.connections
         assert sent > 0
-    finally:
-        await loop.run_in_executor(None, sock.close)
 
 
 async def test_closing_on_a_client_that_never_reads_gives_up(
@@ -122,10 +117,8 @@ async def test_closing_on_a_client_that_never_reads_gives_up(
 
     fake.script = script
     app = await make_proxy(timeouts={"client_write_seconds": 0.5})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", app.port))
-    try:
+    async with connected(app.port, rcvbuf=4096) as client:
+        client.stop_reading()
         for _ in range(500):  # the handler exists from accept on
             if app.services.connections:
                 break
@@ -135,34 +128,29 @@ async def test_closing_on_a_client_that_never_reads_gives_up(
         # small kernel buffers on both ends, so the response's tail waits in ours
         stream.transport.get_extra_info("socket").setsockopt(
             socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        sock.sendall(get(b"/api/v1/big").replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        await client.send(get(b"/api/v1/big").replace(b"\r\n\r\n",
+                                                        b"\r\nConnection: close\r\n\r\n"))
         await asyncio.sleep(0.3)
         assert not app.services.connections  # the response ended; the handler closed the connection
         assert stream.transport is not None
         assert stream.transport.get_write_buffer_size() > 0  # ...with bytes still unsent
         await asyncio.sleep(1.0)
         assert stream.lost is not None  # connection_lost: the socket was given up
-    finally:
-        sock.close()
 
 
 async def test_chunked_trailer_arriving_in_two_pieces(proxy: App, fake: FakeOpenRouter) -> None:
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.send(b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: "
                           + AUTH[1] + b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
                           b"X-T: 1\r\n")
         await asyncio.sleep(0.2)
         await client.send(b"\r\n")
         assert (await client.response(b"POST")).status == 200
-    finally:
-        client.close()
     assert fake.requests[0].body == b"hello"
 
 
 async def test_expect_100_continue_is_case_insensitive(proxy: App) -> None:
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.send(b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: "
                           + AUTH[1] + b"\r\nExpect: 100-Continue\r\nContent-Length: 2\r\n\r\n")
         interim = await client.read_some()
@@ -170,26 +158,19 @@ async def test_expect_100_continue_is_case_insensitive(proxy: App) -> None:
         client.conn.receive_data(interim)
         await client.send(b"{}")
         assert (await client.response(b"POST")).status == 200
-    finally:
-        client.close()
 
 
 async def test_long_target_in_pieces_is_414(proxy: App) -> None:
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         line = b"GET /api/v1/" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n"
         for i in range(0, len(line), 4000):
             await client.send(line[i:i + 4000])
             await asyncio.sleep(0.01)
         assert (await client.response()).status == 414
-    finally:
-        client.close()
 
 
 async def test_upstream_failure_details_stay_in_our_log(make_proxy: ProxyFactory) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = await make_proxy(openrouter={"base_url": f"http://127.0.0.1:{port}/api/v1"},
                            retry={"max_attempts": 1})
     resp = await roundtrip(app.port, get(b"/api/v1/models"))
@@ -211,11 +192,8 @@ async def test_reset_in_a_close_delimited_body_is_not_a_complete_response(
         resp.reset()
 
     fake.script = script
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.send(get(b"/api/v1/chat/completions"))
-        assert await client.closed()
+        await client.wait_eof()
         assert b"data: part2" in client.raw
         assert not bytes(client.raw).endswith(b"0\r\n\r\n")  # no final chunk
-    finally:
-        client.close()

@@ -96,12 +96,12 @@ def take_time(app: App, wall: float = WALL0) -> Clocks:
     services.keys.clock = clocks.mono
     services.keys.wall = clocks.wall
     attempts = services.attempts
-    attempts._wall = clocks.wall
+    attempts.wall = clocks.wall
 
     async def sleep(seconds: float) -> None:
         clocks.waits.append(seconds)
 
-    attempts._sleep = sleep
+    attempts.sleep = sleep
     app.quota.wall = clocks.wall
     if attempts.sticky is not None:
         attempts.sticky.clock = clocks.mono

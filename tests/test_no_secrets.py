@@ -17,7 +17,6 @@ import asyncio
 import base64
 import secrets
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fakeor import FakeOpenRouter, rate_limited_body
-from tests.rawhttp import RawClient
+from tests.fakeor import FakeOpenRouter, rate_limited_body, reset_ms
+from tests.procs import CONFIG_NAME, proxy_process, run_orproxy
+from tests.rawhttp import connected
 from tests.test_accounting import (
     FREE,
     GPT,
@@ -39,9 +39,8 @@ from tests.test_accounting import (
     in_band_json,
     in_band_stream,
     limit_error,
-    reset_ms,
 )
-from tests.test_observability import error_reply, process_env, proxy_process
+from tests.test_observability import error_reply
 
 pytestmark = pytest.mark.anyio
 
@@ -79,7 +78,7 @@ def leaks(blobs: list[tuple[str, bytes]], keys: list[str], access: str) -> list[
 def proxy_files(folder: Path) -> list[tuple[str, bytes]]:
     """Every file the proxy wrote in its working folder (the configs are ours)."""
     return [(path.name, path.read_bytes()) for path in sorted(folder.iterdir())
-            if path.name not in ("proxy.yml", "bad.yml")]
+            if path.name not in (CONFIG_NAME, "bad.yml")]
 
 
 @dataclass
@@ -97,16 +96,13 @@ class Client:
 
     async def send(self, name: str, data: bytes, method: bytes = b"GET", *,
                    pause: float = 0.0) -> int:
-        client = await RawClient.connect(self.port)
-        try:
+        async with connected(self.port) as client:
             await client.send(data)
             if pause:
                 await asyncio.sleep(pause)
             resp = await client.response(method)
             if resp.header(b"connection") == b"close":
-                await client.closed(3)
-        finally:
-            client.close()
+                await client.wait_eof(3)
         self.blobs.append((name, bytes(client.raw)))
         self.statuses.append(resp.status)
         return resp.status
@@ -238,9 +234,8 @@ def bad_config(keys: list[str], access: str, fake_port: int) -> dict[str, Any]:
     }
 
 
-def check(config: Path, cwd: Path) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "orproxy", "--config", str(config), "--check"],
-                          cwd=cwd, env=process_env(), capture_output=True, timeout=30)
+def check(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run_orproxy("--config", str(config), "--check", cwd=cwd)
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
@@ -268,8 +263,8 @@ async def test_no_key_and_no_access_key_in_anything_the_proxy_emits(
     config.write_text(yaml.safe_dump(bad_config(keys, access, fake.port)))
     checked = check(config, tmp_path)
     assert checked.returncode == 2
-    problems = [line for line in checked.stderr.decode().splitlines() if line.startswith("  - ")]
-    assert len(problems) == 17, checked.stderr.decode()  # one per wrong field
+    problems = [line for line in checked.stderr.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 17, checked.stderr  # one per wrong field
 
     # the run did what it was meant to: every kind of answer, and DEBUG lines
     expected = {200, 401, 400, 404, 405, 408, 413, 414, 417, 429, 431, 501, 502, 505}
@@ -287,8 +282,8 @@ async def test_no_key_and_no_access_key_in_anything_the_proxy_emits(
     # every file the proxy wrote (the key state file) besides the two configs we wrote
     written = proxy_files(tmp_path)
     assert "orproxy-state.json" in dict(written)
-    blobs = [("stderr", stderr), ("stdout", stdout), ("--check stdout", checked.stdout),
-             ("--check stderr", checked.stderr), *written, *client.blobs]
+    blobs = [("stderr", stderr), ("stdout", stdout), ("--check stdout", checked.stdout.encode()),
+             ("--check stderr", checked.stderr.encode()), *written, *client.blobs]
     assert leaks(blobs, keys, access) == []
 
 
@@ -314,6 +309,6 @@ def test_check_never_echoes_a_key_written_as_a_setting_name(tmp_path: Path) -> N
         f"openrouter:\n  keys:\n    - key: {keys[2]}\n      {keys[0]}: second\n")
     checked = check(config, tmp_path)
     assert checked.returncode == 2
-    problems = [line for line in checked.stderr.decode().splitlines() if line.startswith("  - ")]
-    assert len(problems) == 3, checked.stderr.decode()
-    assert leaks([("--check", checked.stdout + checked.stderr)], keys, access) == []
+    problems = [line for line in checked.stderr.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 3, checked.stderr
+    assert leaks([("--check", (checked.stdout + checked.stderr).encode())], keys, access) == []

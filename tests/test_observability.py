@@ -17,22 +17,17 @@ key's state one line saying what, until when and why.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
-import os
 import re
-import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -40,10 +35,10 @@ from prometheus_client.openmetrics.parser import (
 from orproxy.app import App
 from orproxy.keys import key_id
 from orproxy.observe.metrics import LATENCY_BUCKETS
-from tests import procs
-from tests.conftest import ACCESS_KEY, AUTH, KEYS, ProxyFactory, merge
-from tests.fakeor import FakeOpenRouter, rate_limited_body
-from tests.streamhelpers import StreamClient
+from tests.conftest import ACCESS_KEY, AUTH, KEYS, ProxyFactory
+from tests.fakeor import FakeOpenRouter, rate_limited_body, reset_ms
+from tests.procs import proxy_process
+from tests.rawhttp import connected
 from tests.test_accounting import (
     CHAT,
     CLAUDE,
@@ -63,14 +58,12 @@ from tests.test_accounting import (
     in_band_json,
     messages_stream,
     relay,
-    reset_ms,
     responses_json,
     scrape,
 )
 
 pytestmark = pytest.mark.anyio
 
-REPO = Path(__file__).resolve().parents[1]
 REQUEST_BODY = b'{"model":"m","messages":[]}'  # what ``ask`` sends
 
 
@@ -331,8 +324,7 @@ async def test_connection_gauges_follow_client_and_upstream_connections(
     gate = asyncio.Event()
     reply = chat_stream(GPT, Tokens(1, 1))
     upstream.play(Reply(reply.pieces, reply.ctype, chunked=True, gate=gate))
-    client = await StreamClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.request()
         head = await client.head()
         assert head.status_code == 200
@@ -343,8 +335,6 @@ async def test_connection_gauges_follow_client_and_upstream_connections(
         assert scraped.value("orproxy_upstream_connections", state="idle") == 0
         gate.set()
         assert first is not None and first + await client.body() == reply.body
-    finally:
-        client.close()
 
     async def settled() -> Scrape:
         async with asyncio.timeout(5):
@@ -429,56 +419,6 @@ async def test_server_timing_and_process_time_on_proxied_responses(
 # --- 4. logs: the proxy as a process, JSON lines ---------------------------------------------
 
 
-def process_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENROUTER_KEYS", "ORPROXY_ACCESS_KEY")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-@dataclass
-class Running:
-    proc: asyncio.subprocess.Process
-    port: int
-    stdout: Path
-    stderr: Path
-
-    async def stop(self) -> int:
-        """SIGTERM, as systemd stops it; the exit status."""
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), 15)
-
-
-@contextlib.asynccontextmanager
-async def proxy_process(tmp_path: Path, fake_port: int, ca_file: str,
-                        **overrides: Any) -> AsyncIterator[Running]:
-    """``python -m orproxy --config …`` against the fake; stdout and stderr to files."""
-    port = procs.free_port()
-    doc = merge({
-        "server": {"host": "127.0.0.1", "port": port, "access_key": ACCESS_KEY,
-                   "log_level": "INFO", "http_log_level": "INFO"},
-        "openrouter": {"keys": KEYS, "ca_file": ca_file,
-                       "base_url": f"https://127.0.0.1:{fake_port}/api/v1",
-                       "quota_check_seconds": 0},
-    }, overrides)
-    config = tmp_path / "proxy.yml"
-    config.write_text(yaml.safe_dump(doc))
-    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
-    with out.open("wb") as out_file, err.open("wb") as err_file:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "orproxy", "--config", str(config), cwd=tmp_path,
-            env=process_env(), stdout=out_file, stderr=err_file)
-    try:
-        await procs.wait_listening(port, proc)
-        yield Running(proc, port, out, err)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-
-
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 ACCESS_FIELDS = {"rid", "method", "path", "route", "status", "ms", "key", "attempts",
@@ -529,7 +469,7 @@ async def test_json_logs_carry_request_ids_and_one_line_per_key_change(
     k0, k1, k2 = (key_id(k) for k in KEYS)
     started = time.time()
     async with proxy_process(tmp_path, fake.port, ca_file,
-                             server={"log_format": "json"}) as proxy:
+                             server={"log_format": "json", "http_log_level": "INFO"}) as proxy:
         # an upstream failure: the request id in, out, upstream, and on its warning
         upstream.play("reset")
         resp = await ask(proxy.port, headers=[(b"X-Request-ID", b"abc-123")])

@@ -3,11 +3,10 @@ printed, the exit status saying whether every key is usable."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
+import functools
 from pathlib import Path
 
+import anyio
 import pytest
 import yaml
 
@@ -15,6 +14,7 @@ from orproxy.keys import key_id, mask_key
 from orproxy.upstream.keyinfo import parse_key_info
 from tests.conftest import ACCESS_KEY, KEYS
 from tests.fakeor import FakeOpenRouter, Recorded, Responder, key_info
+from tests.procs import run_orproxy
 
 pytestmark = pytest.mark.anyio
 
@@ -25,14 +25,10 @@ async def probe(tmp_path: Path, fake: FakeOpenRouter, ca_file: str) -> tuple[int
         "server": {"access_key": ACCESS_KEY},
         "openrouter": {"keys": KEYS, "base_url": f"https://127.0.0.1:{fake.port}/api/v1",
                        "ca_file": ca_file}}))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENROUTER_KEYS", "ORPROXY_ACCESS_KEY")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orproxy", "check", "--probe", "--config", str(config),
-        cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    # in a thread: the fake it asks runs on this loop
+    result = await anyio.to_thread.run_sync(functools.partial(
+        run_orproxy, "check", "--probe", "--config", str(config), cwd=tmp_path))
+    return result.returncode, result.stdout, result.stderr
 
 
 def by_key(req: Recorded) -> int:

@@ -13,8 +13,8 @@ import pytest
 
 from orproxy.app import App
 from tests.conftest import AUTH, ProxyFactory
-from tests.fakeor import FakeOpenRouter, Recorded, Responder
-from tests.rawhttp import RawClient, Response, roundtrip
+from tests.fakeor import FakeOpenRouter, Recorded, Responder, error_of
+from tests.rawhttp import RawClient, Response, connected, roundtrip
 
 pytestmark = pytest.mark.anyio
 
@@ -30,25 +30,19 @@ def post(body: bytes = b"{}", extra: bytes = b"", path: bytes = b"/api/v1/chat/c
 def assert_error(resp: Response, status: int) -> None:
     """A local error: the status, OpenRouter's JSON error shape, one Date/Server."""
     assert resp.status == status
-    doc = json.loads(resp.body)
-    assert doc["error"]["code"] == status
-    assert isinstance(doc["error"]["message"], str) and doc["error"]["message"]
-    assert resp.header(b"content-type") == b"application/json"
+    error_of(resp)
     assert resp.header(b"date") is not None
     assert resp.header(b"server") == b"orproxy"
     assert resp.header(b"x-request-id")
 
 
 async def error_and_close(port: int, data: bytes, status: int) -> None:
-    client = await RawClient.connect(port)
-    try:
+    async with connected(port) as client:
         await client.send(data)
         resp = await client.response()
         assert_error(resp, status)
         assert resp.header(b"connection") == b"close"
-        assert await client.closed()
-    finally:
-        client.close()
+        await client.wait_eof()
 
 
 BAD_REQUESTS = {
@@ -117,15 +111,12 @@ async def test_head_limits(make_proxy: ProxyFactory, fake: FakeOpenRouter) -> No
     big = b"X-Big: " + b"v" * 5000 + b"\r\n"
     await error_and_close(app.port, b"GET /health HTTP/1.1\r\nHost: a\r\n" + big + b"\r\n", 431)
     # the same head trickled in small pieces
-    client = await RawClient.connect(app.port)
-    try:
+    async with connected(app.port) as client:
         data = b"GET /health HTTP/1.1\r\nHost: a\r\n" + big + b"\r\n"
         for i in range(0, len(data), 500):
             await client.send(data[i:i + 500])
             await asyncio.sleep(0.001)
         assert_error(await client.response(), 431)
-    finally:
-        client.close()
     target = b"/api/v1/" + b"a" * 2000
     await error_and_close(app.port, b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414)
     assert fake.requests == []
@@ -135,16 +126,13 @@ async def test_body_limit_from_content_length_before_reading(
     make_proxy: ProxyFactory, fake: FakeOpenRouter
 ) -> None:
     app = await make_proxy(limits={"max_body_bytes": 1000})
-    client = await RawClient.connect(app.port)
-    try:
+    async with connected(app.port) as client:
         # only the head is sent: the answer must not wait for 5000 body bytes
         await client.send(b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: a\r\n" + AUTH_LINE
                           + b"Content-Length: 5000\r\n\r\n")
         resp = await client.response(timeout=5)
         assert_error(resp, 413)
-        assert await client.closed()
-    finally:
-        client.close()
+        await client.wait_eof()
     assert fake.requests == []
 
 
@@ -179,8 +167,7 @@ async def test_pipelined_requests_are_answered_in_order(proxy: App, fake: FakeOp
         await resp.json(200, {"echo": req.json()})
 
     fake.script = script
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.send(b"".join(post(b'{"n":%d}' % i) for i in range(3))
                           + b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
         for i in range(3):
@@ -188,35 +175,27 @@ async def test_pipelined_requests_are_answered_in_order(proxy: App, fake: FakeOp
             assert resp.status == 200
             assert json.loads(resp.body) == {"echo": {"n": i}}
         assert (await client.response()).status == 200
-    finally:
-        client.close()
 
 
 async def test_keep_alive_serves_many_requests_on_one_connection(
     proxy: App, fake: FakeOpenRouter
 ) -> None:
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         for _ in range(5):
             await client.send(post())
             resp = await client.response(b"POST")
             assert resp.status == 200
             assert resp.header(b"connection") is None
-    finally:
-        client.close()
     assert fake.opened == 1
 
 
 async def test_connection_close_is_honoured(proxy: App) -> None:
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.send(post(extra=b"Connection: close\r\n"))
         resp = await client.response(b"POST")
         assert resp.status == 200
         assert resp.header(b"connection") == b"close"
-        assert await client.closed()
-    finally:
-        client.close()
+        await client.wait_eof()
 
 
 async def test_http10_client_gets_a_close_delimited_stream(proxy: App, fake: FakeOpenRouter,
@@ -228,10 +207,9 @@ async def test_http10_client_gets_a_close_delimited_stream(proxy: App, fake: Fak
         await resp.end()
 
     fake.script = script
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.send(post().replace(b"HTTP/1.1", b"HTTP/1.0", 1))
-        assert await client.closed()
+        await client.wait_eof()
         head, _, body = bytes(client.raw).partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         assert lines[0].startswith(b"HTTP/1.1 200 ")
@@ -239,13 +217,10 @@ async def test_http10_client_gets_a_close_delimited_stream(proxy: App, fake: Fak
         assert b"transfer-encoding" not in names and b"content-length" not in names
         assert b"connection" in names
         assert body == b"data: 1\n\ndata: [DONE]\n\n"
-    finally:
-        client.close()
 
 
 async def test_expect_100_continue(proxy: App, fake: FakeOpenRouter) -> None:
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.send(b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: a\r\n" + AUTH_LINE
                           + b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n")
         interim = await client.read_some()
@@ -255,22 +230,17 @@ async def test_expect_100_continue(proxy: App, fake: FakeOpenRouter) -> None:
         await client.send(b"{}")
         resp = await client.response(b"POST")
         assert resp.status == 200
-    finally:
-        client.close()
     assert fake.requests[0].body == b"{}"
     assert fake.requests[0].header(b"expect") is None
 
 
 async def test_expect_100_continue_refused_without_auth(proxy: App, fake: FakeOpenRouter) -> None:
     """A request that will be refused gets its final status instead of 100 Continue."""
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.send(b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: a\r\n"
                           b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n")
         first = await client.read_some()
         assert first.startswith(b"HTTP/1.1 401 ")
-    finally:
-        client.close()
     assert fake.requests == []
 
 
@@ -338,8 +308,7 @@ async def test_head_request_to_a_forwarded_endpoint(proxy: App, fake: FakeOpenRo
         await resp.end()
 
     fake.script = script
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.send(b"HEAD /api/v1/models HTTP/1.1\r\nHost: a\r\n\r\n")
         resp = await client.response(b"HEAD")
         assert resp.status == 200
@@ -348,8 +317,6 @@ async def test_head_request_to_a_forwarded_endpoint(proxy: App, fake: FakeOpenRo
         # the connection stays usable: no body bytes were sent after the head
         await client.send(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
         assert (await client.response()).status == 200
-    finally:
-        client.close()
     assert fake.requests[0].method == b"HEAD"
 
 
@@ -362,14 +329,11 @@ async def test_absolute_form_target(proxy: App, fake: FakeOpenRouter) -> None:
 
 
 async def test_every_method_is_forwarded(proxy: App, fake: FakeOpenRouter) -> None:
-    client = await RawClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         for method in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"):
             await client.send(method + b" /api/v1/keys/abc?y=2 HTTP/1.1\r\nHost: a\r\n"
                               + AUTH_LINE + b"Content-Length: 2\r\n\r\n{}")
             assert (await client.response(method)).status == 200
-    finally:
-        client.close()
     assert [r.method for r in fake.requests] == [b"GET", b"POST", b"PUT", b"PATCH", b"DELETE",
                                                  b"OPTIONS"]
     assert {r.target for r in fake.requests} == {b"/api/v1/keys/abc?y=2"}
@@ -377,17 +341,14 @@ async def test_every_method_is_forwarded(proxy: App, fake: FakeOpenRouter) -> No
 
 async def test_slow_head_is_cut_off_with_408(make_proxy: ProxyFactory) -> None:
     app = await make_proxy(timeouts={"client_head_seconds": 0.5})
-    client = await RawClient.connect(app.port)
-    try:
+    async with connected(app.port) as client:
         await client.send(b"GET /health HTTP/1.1\r\n")
         for _ in range(3):  # a byte now and then does not extend the deadline
             await asyncio.sleep(0.2)
             await client.send(b"X")
         resp = await client.response(timeout=5)
         assert_error(resp, 408)
-        assert await client.closed()
-    finally:
-        client.close()
+        await client.wait_eof()
 
 
 async def test_silent_connection_and_idle_keep_alive_are_closed(make_proxy: ProxyFactory) -> None:
@@ -397,9 +358,9 @@ async def test_silent_connection_and_idle_keep_alive_are_closed(make_proxy: Prox
     try:
         await idle.send(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
         assert (await idle.response()).status == 200
-        assert await silent.closed(timeout=3)
+        await silent.wait_eof(timeout=3)
         assert silent.raw == b""  # nothing was asked, nothing is answered
-        assert await idle.closed(timeout=3)
+        await idle.wait_eof(timeout=3)
     finally:
         silent.close()
         idle.close()
@@ -408,13 +369,10 @@ async def test_silent_connection_and_idle_keep_alive_are_closed(make_proxy: Prox
 async def test_slow_body_is_cut_off_with_408(make_proxy: ProxyFactory, fake: FakeOpenRouter,
                                             ) -> None:
     app = await make_proxy(timeouts={"client_body_seconds": 0.3})
-    client = await RawClient.connect(app.port)
-    try:
+    async with connected(app.port) as client:
         await client.send(post(b"{}")[:-1])  # one body byte short
         resp = await client.response(timeout=5)
         assert_error(resp, 408)
-    finally:
-        client.close()
     assert fake.requests == []
 
 

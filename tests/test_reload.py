@@ -26,8 +26,7 @@ import pytest
 import yaml
 
 from orproxy.keys import key_id, mask_key
-from tests import procs
-from tests.conftest import ACCESS_KEY, KEYS, merge
+from tests.conftest import ACCESS_KEY, KEYS, fake_openrouter, merge
 from tests.fakeor import (
     OVERLOAD_BODY,
     FakeOpenRouter,
@@ -36,9 +35,11 @@ from tests.fakeor import (
     completion,
     key_info,
     rate_limited_body,
+    reset_ms,
 )
-from tests.findings_helpers import ProxyProcess, exchange, proxy_process, wait_until
-from tests.rawhttp import RawClient, Response
+from tests.procs import CONFIG_NAME, ProxyProcess, free_port, proxy_process
+from tests.rawhttp import RawClient, Response, refused, roundtrip
+from tests.streamhelpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -47,6 +48,7 @@ BAD_KEY = "not-a-key-1234567890abcdef"
 # the key's own limit, for every model (a free-models-per-* limit would rest it for free
 # models only)
 KEY_LIMIT = "Rate limit exceeded."
+REST_SECONDS = 3600.0  # how long a limited key is told to rest
 STREAM_EVENTS = 20
 STREAM_GAP_SECONDS = 0.15
 SLOW_SECONDS = 2.5  # a model that thinks longer than the reloaded first-byte timeout
@@ -75,7 +77,8 @@ def stream_events(stream: int) -> list[bytes]:
 
 @dataclass
 class Upstream:
-    """Answers by key and by model: keys in ``limited`` get a 429 resting them an hour;
+    """Answers by key and by model: keys in ``limited`` get a 429 resting them an hour
+    (REST_SECONDS);
     model ``stream`` a slow SSE stream, ``overloaded`` a provider's overload 429 (not the
     key's fault: retried on the next key while the budget lasts), ``slow`` an answer after
     SLOW_SECONDS; anything else a completion naming the request's ``n``."""
@@ -88,8 +91,7 @@ class Upstream:
             await resp.json(200, key_info())
             return
         if key_sent(req) in self.limited:
-            reset_ms = int((time.time() + 3600) * 1000)
-            await resp.json(429, rate_limited_body(reset_ms, KEY_LIMIT))
+            await resp.json(429, rate_limited_body(reset_ms(REST_SECONDS), KEY_LIMIT))
             return
         body = req.json()
         model = body.get("model")
@@ -145,7 +147,7 @@ METRICS_JSON = (b"GET /metrics/json HTTP/1.1\r\nHost: proxy.test\r\nAuthorizatio
 
 async def dashboard(port: int) -> dict[str, Any]:
     """The running proxy's dashboard document (GET /metrics/json)."""
-    resp = await exchange(port, METRICS_JSON, b"GET")
+    resp = await roundtrip(port, METRICS_JSON, b"GET")
     assert resp.status == 200, resp.body
     doc = json.loads(resp.body)
     assert isinstance(doc, dict)
@@ -173,11 +175,11 @@ RELOAD_DONE = re.compile(r"(reloaded: .*|reload refused.*)$", re.MULTILINE)
 
 async def reload(proxy: ProxyProcess, seconds: float = 10.0) -> str:
     """Send SIGHUP and wait until the proxy logged the outcome; the log written since."""
-    since = len(proxy.stderr())
+    since = len(proxy.log())
     await hup(proxy.pid)
-    await wait_until(lambda: RELOAD_DONE.search(proxy.stderr()[since:]) is not None, seconds,
+    await eventually(lambda: RELOAD_DONE.search(proxy.log()[since:]) is not None, seconds,
                      "the reload's outcome in the log")
-    return proxy.stderr()[since:]
+    return proxy.log()[since:]
 
 
 def log_lines(text: str, level: str) -> list[str]:
@@ -202,10 +204,8 @@ def upstream(fake: FakeOpenRouter) -> Upstream:
 
 @pytest.fixture
 async def second_fake(server_tls: ssl.SSLContext) -> AsyncIterator[FakeOpenRouter]:
-    server = FakeOpenRouter(tls=server_tls)
-    await server.start()
-    yield server
-    await server.stop()
+    async with fake_openrouter(server_tls) as server:
+        yield server
 
 
 # --- load -------------------------------------------------------------------------------------
@@ -255,12 +255,7 @@ def answer_of(resp: Response) -> str:
 
 
 async def sse(port: int, stream: int) -> Response:
-    client = await RawClient.connect(port)
-    try:
-        await client.send(chat({"model": "stream", "stream": stream}))
-        return await client.response(b"POST", timeout=20.0)
-    finally:
-        client.close()
+    return await roundtrip(port, chat({"model": "stream", "stream": stream}), timeout=20.0)
 
 
 def assert_stream_whole(resp: Response, stream: int) -> None:
@@ -276,11 +271,11 @@ async def test_a_reload_under_load_drops_nothing_and_takes_the_new_settings(
         fake: FakeOpenRouter, upstream: Upstream, ca_file: str, tmp_path: Path) -> None:
     k0, k1, k2 = KEYS
     upstream.limited = {k1}
-    async with proxy_process(tmp_path, fake, ca_file, openrouter={"keys": [k0, k1, k2]},
+    async with proxy_process(tmp_path, fake.port, ca_file, openrouter={"keys": [k0, k1, k2]},
                              state={"file": None}) as proxy:
         # k1 rests for an hour before the reload
         for n in range(3):
-            assert (await exchange(proxy.port, chat({"n": n}))).status == 200
+            assert (await roundtrip(proxy.port, chat({"n": n}))).status == 200
         before = await key_states(proxy.port)
         assert before[key_id(k1)]["state"] == "cooling"
         rest_until = before[key_id(k1)]["rest_until"]
@@ -290,14 +285,14 @@ async def test_a_reload_under_load_drops_nothing_and_takes_the_new_settings(
         load = Load(proxy.port, lambda: next(counter))
         streams = [asyncio.create_task(sse(proxy.port, s)) for s in range(STREAMS)]
         clients = [asyncio.create_task(load.client()) for _ in range(CLIENTS)]
-        await wait_until(lambda: (upstream.streams_started == STREAMS and load.answered > 40)
+        await eventually(lambda: (upstream.streams_started == STREAMS and load.answered > 40)
                          or bool(load.errors), 10, "the load to run")
         await asyncio.sleep(LOAD_SECONDS)
         assert not load.errors
 
         # k2 removed, a new key added first, k1 kept (resting) before k0; strategy, retry
         # budget and first-byte timeout changed; all while streams are mid-flight
-        edit_config(proxy.log.parent / "proxy.yml", {
+        edit_config(tmp_path / CONFIG_NAME, {
             "openrouter": {"keys": [k1, NEW_KEY, k0], "key_selection_strategy": "first"},
             "retry": {"max_attempts": 1},
             "timeouts": {"upstream_first_byte_seconds": NEW_FIRST_BYTE_SECONDS}})
@@ -308,7 +303,7 @@ async def test_a_reload_under_load_drops_nothing_and_takes_the_new_settings(
         assert not [s for s in streams if s.done()], "the streams should still be in flight"
 
         await asyncio.sleep(LOAD_SECONDS)
-        await wait_until(lambda: load.answered > answered_then + 100 or bool(load.errors), 15,
+        await eventually(lambda: load.answered > answered_then + 100 or bool(load.errors), 15,
                          "traffic after the reload")
         load.stop.set()
         await asyncio.gather(*clients)
@@ -331,25 +326,25 @@ async def test_a_reload_under_load_drops_nothing_and_takes_the_new_settings(
         # retry budget 1: an overload 429 is passed on after one attempt (it was 2 before:
         # the new key, then k0)
         fake.requests.clear()
-        resp = await exchange(proxy.port, chat({"model": "overloaded"}))
+        resp = await roundtrip(proxy.port, chat({"model": "overloaded"}))
         assert resp.status == 429
         assert [key_sent(r) for r in chats(fake)] == [NEW_KEY]
         # the first-byte timeout is the new one
         started = time.monotonic()
-        resp = await exchange(proxy.port, chat({"model": "slow"}))
+        resp = await roundtrip(proxy.port, chat({"model": "slow"}))
         took = time.monotonic() - started
         assert resp.status == 504
         assert NEW_FIRST_BYTE_SECONDS * 0.9 < took < SLOW_SECONDS - 0.5, took
-        assert_clean_log(proxy.stderr())
-        assert log_lines(proxy.stderr(), "ERROR") == []
+        assert_clean_log(proxy.log())
+        assert log_lines(proxy.log(), "ERROR") == []
 
 
 async def test_an_invalid_config_is_refused_and_the_old_one_stays(
         fake: FakeOpenRouter, upstream: Upstream, ca_file: str, tmp_path: Path) -> None:
     k0, k1, k2 = KEYS
-    async with proxy_process(tmp_path, fake, ca_file, openrouter={"keys": [k0, k1]},
+    async with proxy_process(tmp_path, fake.port, ca_file, openrouter={"keys": [k0, k1]},
                              state={"file": None}) as proxy:
-        config = proxy.log.parent / "proxy.yml"
+        config = tmp_path / CONFIG_NAME
         edit_config(config, {"server": {"colour": "blue"},
                              "openrouter": {"keys": [k2, BAD_KEY]}})
         logged = await reload(proxy)
@@ -363,12 +358,12 @@ async def test_an_invalid_config_is_refused_and_the_old_one_stays(
                         f"openrouter.keys[1]: not an OpenRouter key (must start with 'sk-or-'): "
                         f"{mask_key(BAD_KEY)}"):
             assert [line for line in errors if problem in line], (problem, logged)
-        assert BAD_KEY not in proxy.stderr()
-        assert_clean_log(proxy.stderr())
+        assert BAD_KEY not in proxy.log()
+        assert_clean_log(proxy.log())
 
         # the old keys serve on, the refused one is never used
         for n in range(6):
-            assert (await exchange(proxy.port, chat({"n": n}))).status == 200
+            assert (await roundtrip(proxy.port, chat({"n": n}))).status == 200
         assert {key_sent(r) for r in chats(fake)} == {k0, k1}
         assert set(await key_states(proxy.port)) == {key_id(k0), key_id(k1)}
 
@@ -381,17 +376,17 @@ async def test_an_invalid_config_is_refused_and_the_old_one_stays(
         assert "reloaded: 1 key(s) (1 added, 2 removed); strategy round-robin" in logged
         fake.requests.clear()
         for n in range(3):
-            assert (await exchange(proxy.port, chat({"n": n}))).status == 200
+            assert (await roundtrip(proxy.port, chat({"n": n}))).status == 200
         assert {key_sent(r) for r in chats(fake)} == {k2}
 
 
 async def test_settings_that_need_a_restart_are_named_and_the_port_stays(
         fake: FakeOpenRouter, upstream: Upstream, ca_file: str, tmp_path: Path) -> None:
     k0, k1, _ = KEYS
-    async with proxy_process(tmp_path, fake, ca_file, openrouter={"keys": [k0]},
+    async with proxy_process(tmp_path, fake.port, ca_file, openrouter={"keys": [k0]},
                              state={"file": None}) as proxy:
-        other_port = procs.free_port()
-        edit_config(proxy.log.parent / "proxy.yml",
+        other_port = free_port()
+        edit_config(tmp_path / CONFIG_NAME,
                     {"server": {"port": other_port}, "openrouter": {"keys": [k1]}})
         logged = await reload(proxy)
         [warning] = [line for line in log_lines(logged, "WARNING") if "server.port" in line]
@@ -399,29 +394,28 @@ async def test_settings_that_need_a_restart_are_named_and_the_port_stays(
         assert "reloaded: 1 key(s) (1 added, 1 removed)" in logged  # the rest was applied
         # still where it was, not on the new port
         fake.requests.clear()
-        assert (await exchange(proxy.port, chat({"n": 1}))).status == 200
+        assert (await roundtrip(proxy.port, chat({"n": 1}))).status == 200
         assert [key_sent(r) for r in chats(fake)] == [k1]
-        with pytest.raises(OSError):
-            await RawClient.connect(other_port)
+        assert await refused(other_port)
 
 
 async def test_a_new_upstream_takes_new_requests_while_a_stream_on_the_old_one_ends(
         fake: FakeOpenRouter, second_fake: FakeOpenRouter, upstream: Upstream, ca_file: str,
         tmp_path: Path) -> None:
     second_fake.script = upstream.script
-    async with proxy_process(tmp_path, fake, ca_file, state={"file": None}) as proxy:
-        assert (await exchange(proxy.port, chat({"n": 0}))).status == 200  # one idle conn
+    async with proxy_process(tmp_path, fake.port, ca_file, state={"file": None}) as proxy:
+        assert (await roundtrip(proxy.port, chat({"n": 0}))).status == 200  # one idle conn
         stream = asyncio.create_task(sse(proxy.port, 7))
-        await wait_until(lambda: upstream.streams_started == 1, 10, "the stream to start")
+        await eventually(lambda: upstream.streams_started == 1, 10, "the stream to start")
 
-        edit_config(proxy.log.parent / "proxy.yml", {"openrouter": {
+        edit_config(tmp_path / CONFIG_NAME, {"openrouter": {
             "base_url": f"https://127.0.0.1:{second_fake.port}/api/v1"}})
         logged = await reload(proxy)
         assert "reloaded: 3 key(s) (0 added, 0 removed)" in logged
         doc = await dashboard(proxy.port)
         assert doc["upstream"] == f"https://127.0.0.1:{second_fake.port}/api/v1"
         for n in range(1, 5):
-            resp = await exchange(proxy.port, chat({"n": n}))
+            resp = await roundtrip(proxy.port, chat({"n": n}))
             assert resp.status == 200
             assert answer_of(resp) == f"answer {n}"
         assert sorted(n_of(r) for r in chats(second_fake)) == [1, 2, 3, 4]
@@ -429,6 +423,6 @@ async def test_a_new_upstream_takes_new_requests_while_a_stream_on_the_old_one_e
         assert_stream_whole(await stream, 7)
         assert [n_of(r) for r in chats(fake)] == [0, -1]  # nothing new on the old upstream
         # the old upstream's connections, idle and busy, are all closed once the stream ended
-        await wait_until(lambda: fake.open_connections == 0, 5,
+        await eventually(lambda: fake.open_connections == 0, 5,
                          "the old upstream's connections to be closed")
-        assert_clean_log(proxy.stderr())
+        assert_clean_log(proxy.log())

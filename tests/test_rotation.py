@@ -2,15 +2,16 @@
 
 Every test drives real requests over loopback; the fake decides per key (from the
 Authorization it receives) what to answer, and the tests check which keys the proxy used,
-what the client saw, and what state the key pool ended in.
+what the client saw, and what state the key pool ended in. Every proxy here runs on the
+test clock (conftest ``on_clock``): OpenRouter's reset times are written from its wall
+clock, a rest ends when the test moves it, and the wait before a retry is recorded in
+``clock.sleeps`` instead of slept.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import time
 from collections.abc import Awaitable, Callable, Container
 from email.utils import formatdate
 from typing import Any
@@ -21,15 +22,19 @@ import pytest
 from orproxy.app import App
 from orproxy.config import build_config
 from orproxy.keys import KeyState, KeyView
-from tests.conftest import AUTH, KEYS, ProxyFactory, proxy_config, sample
+from tests.conftest import AUTH, KEYS, ProxyFactory, clocked, proxy_config, sample
 from tests.fakeor import (
     OVERLOAD_BODY,
     FakeOpenRouter,
     Recorded,
     Responder,
     completion,
+    error_of,
     rate_limited_body,
+    reset_ms,
 )
+from tests.memstream import FakeClock
+from tests.procs import free_port
 from tests.rawhttp import Response, roundtrip
 
 pytestmark = pytest.mark.anyio
@@ -39,6 +44,11 @@ Handler = Callable[[int, Recorded, Responder], Awaitable[None]]
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_proxy(make_proxy: ProxyFactory, clock: FakeClock) -> ProxyFactory:
+    return clocked(make_proxy, clock)
 
 
 def key_index(req: Recorded) -> int:
@@ -81,18 +91,6 @@ def chat_request(body: bytes = CHAT_BODY, extra: bytes = b"") -> bytes:
 
 async def chat(port: int, body: bytes = CHAT_BODY) -> Response:
     return await roundtrip(port, chat_request(body), b"POST")
-
-
-def error_of(resp: Response) -> dict[str, Any]:
-    doc = json.loads(resp.body)
-    assert set(doc) == {"error"}, doc
-    error = doc["error"]
-    assert isinstance(error, dict)
-    return error
-
-
-def reset_ms(seconds_from_now: float) -> int:
-    return int((time.time() + seconds_from_now) * 1000)
 
 
 def overload_body(provider: str) -> dict[str, Any]:
@@ -153,9 +151,10 @@ async def test_concurrent_requests_share_the_keys_evenly(
 
 
 async def test_429_with_reset_in_body_cools_exactly_that_key(
-    proxy: App, fake: FakeOpenRouter
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
-    fake.script = per_key(limited_keys({0}, lambda i: rate_limited_body(reset_ms(30))))
+    fake.script = per_key(limited_keys({0}, lambda i: rate_limited_body(
+        reset_ms(30, clock.wall()))))
     resp = await chat(proxy.port)
     assert resp.status == 200, resp.body
     assert json.loads(resp.body)["choices"][0]["message"]["content"] == "from key 1"
@@ -172,58 +171,55 @@ async def test_429_with_reset_in_body_cools_exactly_that_key(
     assert used_keys(fake, 2) == [2, 1, 2, 1]
 
 
-async def test_cooled_key_returns_after_its_reset(proxy: App, fake: FakeOpenRouter) -> None:
+async def test_cooled_key_returns_after_its_reset(
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
+) -> None:
     limited = {0}
 
     async def handler(i: int, req: Recorded, resp: Responder) -> None:
         if i in limited:
             limited.discard(i)
-            await resp.json(429, rate_limited_body(reset_ms(2)))
+            await resp.json(429, rate_limited_body(reset_ms(2, clock.wall())))
         else:
             await resp.json(200, completion())
 
     fake.script = per_key(handler)
-    t0 = time.monotonic()
     assert (await chat(proxy.port)).status == 200
     assert used_keys(fake) == [0, 1]
     assert states(proxy) == [C, A, A]
     for _ in range(2):
         assert (await chat(proxy.port)).status == 200
     assert used_keys(fake, 2) == [2, 1]
-    await _sleep_until(t0 + 2.3)
+    clock.advance(1.9)
+    assert states(proxy) == [C, A, A]  # not before its reset
+    clock.advance(0.4)
     assert states(proxy) == [A, A, A]
     for _ in range(3):
         assert (await chat(proxy.port)).status == 200
     assert sorted(used_keys(fake, 4)) == [0, 1, 2]
 
 
-async def _sleep_until(when: float) -> None:
-    delay = when - time.monotonic()
-    if delay > 0:
-        await anyio.sleep(delay)
-
-
-RESET_SOURCES: list[tuple[str, Callable[[], list[tuple[bytes, bytes]]], float]] = [
+RESET_SOURCES: list[tuple[str, Callable[[float], list[tuple[bytes, bytes]]], float]] = [
     ("x-ratelimit-reset header (epoch ms)",
-     lambda: [(b"X-RateLimit-Reset", str(reset_ms(45)).encode())], 45.0),
+     lambda wall: [(b"X-RateLimit-Reset", str(reset_ms(45, wall)).encode())], 45.0),
     ("x-ratelimit-reset header (epoch s)",
-     lambda: [(b"X-RateLimit-Reset", str(int(time.time()) + 45).encode())], 45.0),
-    ("retry-after seconds", lambda: [(b"Retry-After", b"7")], 7.0),
+     lambda wall: [(b"X-RateLimit-Reset", str(int(wall) + 45).encode())], 45.0),
+    ("retry-after seconds", lambda wall: [(b"Retry-After", b"7")], 7.0),
     ("retry-after http-date",
-     lambda: [(b"Retry-After", formatdate(time.time() + 40, usegmt=True).encode())], 40.0),
+     lambda wall: [(b"Retry-After", formatdate(wall + 40, usegmt=True).encode())], 40.0),
 ]
 
 
 @pytest.mark.parametrize(("source", "make_headers", "expected"), RESET_SOURCES,
                          ids=[s[0] for s in RESET_SOURCES])
 async def test_reset_from_response_headers(
-    proxy: App, fake: FakeOpenRouter, source: str,
-    make_headers: Callable[[], list[tuple[bytes, bytes]]], expected: float,
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock, source: str,
+    make_headers: Callable[[float], list[tuple[bytes, bytes]]], expected: float,
 ) -> None:
     async def handler(i: int, req: Recorded, resp: Responder) -> None:
         if i == 0:
             await resp.json(429, {"error": {"code": 429, "message": "Rate limit exceeded"}},
-                            make_headers())
+                            make_headers(clock.wall()))
         else:
             await resp.json(200, completion())
 
@@ -236,10 +232,13 @@ async def test_reset_from_response_headers(
     assert expected - 3.0 < snap[0].cooling_seconds <= expected + 0.01, source
 
 
-async def test_body_reset_wins_over_header_reset(proxy: App, fake: FakeOpenRouter) -> None:
+async def test_body_reset_wins_over_header_reset(
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
+) -> None:
     async def handler(i: int, req: Recorded, resp: Responder) -> None:
         if i == 0:
-            await resp.json(429, rate_limited_body(reset_ms(100)), [(b"Retry-After", b"5")])
+            await resp.json(429, rate_limited_body(reset_ms(100, clock.wall())),
+                            [(b"Retry-After", b"5")])
         else:
             await resp.json(200, completion())
 
@@ -280,11 +279,11 @@ async def test_429_with_unparsable_body_still_cools_with_default(
 
 
 async def test_all_keys_cooling_gives_429_with_retry_after_of_soonest(
-    proxy: App, fake: FakeOpenRouter
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
     resets = {0: 30, 1: 10, 2: 20}
     fake.script = per_key(limited_keys({0, 1, 2}, lambda i: rate_limited_body(
-        reset_ms(resets[i]))))
+        reset_ms(resets[i], clock.wall()))))
     resp = await chat(proxy.port)
     assert resp.status == 429
     assert resp.header(b"retry-after") == b"10"
@@ -339,13 +338,13 @@ async def test_overload_429_cools_nothing_and_retries_on_another_key(
 
 
 async def test_overload_retry_waits_google_rate_delay(
-    make_proxy: ProxyFactory, fake: FakeOpenRouter
+    make_proxy: ProxyFactory, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
     app = await make_proxy(openrouter={"google_rate_delay": 0.3})
     arrivals: list[float] = []
 
     async def handler(i: int, req: Recorded, resp: Responder) -> None:
-        arrivals.append(time.monotonic())
+        arrivals.append(clock())
         if i == 0:
             await resp.json(429, OVERLOAD_BODY)
         else:
@@ -354,12 +353,13 @@ async def test_overload_retry_waits_google_rate_delay(
     fake.script = per_key(handler)
     assert (await chat(app.port)).status == 200
     assert used_keys(fake) == [0, 1]
-    assert arrivals[1] - arrivals[0] >= 0.3
+    assert arrivals[1] >= arrivals[0] + 0.3  # the test clock's seconds
+    assert clock.sleeps == [0.3]
     assert states(app) == [A, A, A]
 
 
 async def test_no_overload_delay_when_no_key_is_left_to_retry(
-    make_proxy: ProxyFactory, fake: FakeOpenRouter
+    make_proxy: ProxyFactory, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
     # one key, overloaded: there is nothing to retry on, so waiting google_rate_delay before
     # answering only delays the client
@@ -369,13 +369,11 @@ async def test_no_overload_delay_when_no_key_is_left_to_retry(
         await resp.json(429, OVERLOAD_BODY)
 
     fake.script = script
-    t0 = time.monotonic()
     resp = await chat(app.port)
-    elapsed = time.monotonic() - t0
     assert resp.status == 429
     assert json.loads(resp.body) == OVERLOAD_BODY
     assert len(fake.requests) == 1
-    assert elapsed < 1.0, f"client waited {elapsed:.2f}s for a retry that never happened"
+    assert clock.sleeps == [], f"client waited {clock.sleeps}s for a retry that never happened"
 
 
 async def test_overloaded_on_every_key_passes_the_upstreams_429_on(
@@ -463,10 +461,10 @@ async def test_every_key_invalid_gives_503(proxy: App, fake: FakeOpenRouter) -> 
 
 
 async def test_max_attempts_bounds_the_retries(
-    make_proxy: ProxyFactory, fake: FakeOpenRouter
+    make_proxy: ProxyFactory, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
     app = await make_proxy(retry={"max_attempts": 2})
-    reset = reset_ms(50)
+    reset = reset_ms(50, clock.wall())
 
     def body(i: int) -> dict[str, Any]:
         return rate_limited_body(reset, message=f"Rate limit exceeded: key {i}")
@@ -497,8 +495,11 @@ async def test_deadline_bounds_the_retries(
     assert json.loads(resp.body) == body(0)
 
 
-async def test_request_body_is_resent_byte_for_byte(proxy: App, fake: FakeOpenRouter) -> None:
-    fake.script = per_key(limited_keys({0, 1}, lambda i: rate_limited_body(reset_ms(60))))
+async def test_request_body_is_resent_byte_for_byte(
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
+) -> None:
+    fake.script = per_key(limited_keys({0, 1}, lambda i: rate_limited_body(
+        reset_ms(60, clock.wall()))))
     body = ('{"model":"x", "messages":[{"role":"user","content":"héllo ✓ \\u0000 \\n"}],'
             '  "pad":"' + "z" * 3000 + '"}\n').encode()
     chunks = body[:100], body[100:]
@@ -525,11 +526,12 @@ async def test_request_body_is_resent_byte_for_byte(proxy: App, fake: FakeOpenRo
 
 
 async def test_strategy_first_uses_the_first_usable_key(
-    make_proxy: ProxyFactory, fake: FakeOpenRouter
+    make_proxy: ProxyFactory, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
     app = await make_proxy(openrouter={"key_selection_strategy": "first"})
     limited: set[int] = set()
-    fake.script = per_key(limited_keys(limited, lambda i: rate_limited_body(reset_ms(60))))
+    fake.script = per_key(limited_keys(limited, lambda i: rate_limited_body(
+        reset_ms(60, clock.wall()))))
     for _ in range(4):
         assert (await chat(app.port)).status == 200
     assert used_keys(fake) == [0, 0, 0, 0]
@@ -565,11 +567,12 @@ async def test_strategy_random_uses_only_usable_keys(
 
 
 async def test_key_selection_same_sticks_to_the_last_key(
-    make_proxy: ProxyFactory, fake: FakeOpenRouter
+    make_proxy: ProxyFactory, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
     app = await make_proxy(openrouter={"key_selection_opts": ["same"]})
     limited: set[int] = set()
-    fake.script = per_key(limited_keys(limited, lambda i: rate_limited_body(reset_ms(60))))
+    fake.script = per_key(limited_keys(limited, lambda i: rate_limited_body(
+        reset_ms(60, clock.wall()))))
     for _ in range(3):
         assert (await chat(app.port)).status == 200
     assert used_keys(fake) == [0, 0, 0]
@@ -596,10 +599,10 @@ ACCOUNT_KEYS = [{"key": KEYS[0], "account": "alice"}, {"key": KEYS[1], "account"
      "_reset_header": True},
 ], ids=["message", "high-balance", "limit_source"])
 async def test_account_wide_daily_limit_cools_every_key_of_the_account(
-    make_proxy: ProxyFactory, fake: FakeOpenRouter, body: dict[str, Any]
+    make_proxy: ProxyFactory, fake: FakeOpenRouter, clock: FakeClock, body: dict[str, Any]
 ) -> None:
     app = await make_proxy(openrouter={"keys": ACCOUNT_KEYS})
-    reset = reset_ms(500)
+    reset = reset_ms(500, clock.wall())
 
     async def handler(i: int, req: Recorded, resp: Responder) -> None:
         if i == 0:
@@ -629,21 +632,22 @@ async def test_account_wide_daily_limit_cools_every_key_of_the_account(
 
 
 async def test_daily_limit_without_accounts_cools_only_that_key(
-    proxy: App, fake: FakeOpenRouter
+    proxy: App, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
     fake.script = per_key(limited_keys({0}, lambda i: rate_limited_body(
-        reset_ms(30), message="Rate limit exceeded: free-models-per-day")))
+        reset_ms(30, clock.wall()), message="Rate limit exceeded: free-models-per-day")))
     assert (await chat(proxy.port)).status == 200
     assert used_keys(fake) == [0, 1]
     assert states(proxy) == [F, A, A]
 
 
 async def test_per_model_limit_cools_only_that_key_of_the_account(
-    make_proxy: ProxyFactory, fake: FakeOpenRouter
+    make_proxy: ProxyFactory, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
     app = await make_proxy(openrouter={"keys": ACCOUNT_KEYS})
     message = "Rate limit exceeded: limit_rpm/google/gemini-2.5-pro/8f2a"
-    fake.script = per_key(limited_keys({0}, lambda i: rate_limited_body(reset_ms(30), message)))
+    fake.script = per_key(limited_keys({0}, lambda i: rate_limited_body(
+        reset_ms(30, clock.wall()), message)))
     resp = await chat(app.port)
     assert resp.status == 200
     assert used_keys(fake) == [0, 1]
@@ -651,12 +655,13 @@ async def test_per_model_limit_cools_only_that_key_of_the_account(
 
 
 async def test_free_per_minute_limit_rests_every_key_of_the_account_for_free_models(
-    make_proxy: ProxyFactory, fake: FakeOpenRouter
+    make_proxy: ProxyFactory, fake: FakeOpenRouter, clock: FakeClock
 ) -> None:
     # free-model limits are per account (OPENROUTER.md): the other key of "alice" is skipped
     app = await make_proxy(openrouter={"keys": ACCOUNT_KEYS})
     message = "Rate limit exceeded: free-models-per-min."
-    fake.script = per_key(limited_keys({0}, lambda i: rate_limited_body(reset_ms(30), message)))
+    fake.script = per_key(limited_keys({0}, lambda i: rate_limited_body(
+        reset_ms(30, clock.wall()), message)))
     resp = await chat(app.port)
     assert resp.status == 200
     assert used_keys(fake) == [0, 2]
@@ -666,14 +671,8 @@ async def test_free_per_minute_limit_rests_every_key_of_the_account_for_free_mod
 # --- transport failures and non-key errors ---------------------------------------------------
 
 
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_unreachable_upstream_gives_502_after_the_attempts(ca_file: str) -> None:
-    config = proxy_config(unused_port(), ca_file, retry={"max_attempts": 3})
+    config = proxy_config(free_port(), ca_file, retry={"max_attempts": 3})
     app = App(build_config(config, {}))
     await app.start()
     try:

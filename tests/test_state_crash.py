@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import random
 import signal
@@ -23,71 +22,37 @@ from typing import Any
 import pytest
 
 from orproxy.keys import key_id
-from tests.conftest import ACCESS_KEY
-from tests.fakeor import (
-    FakeOpenRouter,
-    Recorded,
-    Responder,
-    completion,
-    key_info,
-    rate_limited_body,
-)
-from tests.findings_helpers import exchange, proxy_process, wait_until
+from tests.fakeor import FakeOpenRouter, Recorded, Responder
+from tests.procs import proxy_process
 from tests.rawhttp import RawClient
+from tests.streamhelpers import eventually
+from tests.test_reload import REST_SECONDS, chat, is_chat, key_sent, key_states
+from tests.test_reload import Upstream as ReloadUpstream
 
 pytestmark = pytest.mark.anyio
 
 ROUNDS = 15
 KEYS = [f"sk-or-v1-crash-test-key-{i:012d}" for i in range(ROUNDS + 4)]
-# the key's own limit, for every model: the key rests fully ("cooling")
-KEY_LIMIT = "Rate limit exceeded."
-REST_SECONDS = 3600.0
 SAVED_AFTER = 0.3  # the rest is saved within ~50 ms; this much later it surely is
 CLIENTS = 6
 
 
-def chat(n: int) -> bytes:
-    body = json.dumps({"model": "test/model", "n": n}).encode()
-    return (b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: proxy.test\r\n"
-            b"Authorization: Bearer " + ACCESS_KEY.encode() + b"\r\n"
-            b"Content-Type: application/json\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body)
-
-
-METRICS_JSON = (b"GET /metrics/json HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer "
-                + ACCESS_KEY.encode() + b"\r\n\r\n")
-
-
-async def key_states(port: int) -> dict[str, dict[str, Any]]:
-    resp = await exchange(port, METRICS_JSON, b"GET")
-    assert resp.status == 200, resp.body
-    return {k["id"]: k for k in json.loads(resp.body)["keys"]}
-
-
 @dataclass
-class Upstream:
-    """Keys in ``limited`` get a 429 whose reset is REST_SECONDS ahead; the first such
-    answer to each key is timed (``limited_at``, wall clock) and announced (``hit``)."""
+class Upstream(ReloadUpstream):
+    """test_reload's upstream: keys in ``limited`` get a 429 resting them fully for
+    REST_SECONDS; the first such answer to each key is timed (``limited_at``, wall clock)
+    and announced (``hit``)."""
 
-    limited: set[str] = field(default_factory=set)
     limited_at: dict[str, float] = field(default_factory=dict)
     hit: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def script(self, req: Recorded, resp: Responder) -> None:
-        if req.target != b"/api/v1/chat/completions":  # the proxy asking about a key
-            await resp.json(200, key_info())
-            return
-        value = req.header(b"authorization") or b""
-        key = value.decode().removeprefix("Bearer ")
-        if key in self.limited:
-            now = time.time()
-            await resp.json(429, rate_limited_body(int((now + REST_SECONDS) * 1000),
-                                                   KEY_LIMIT))
-            if key not in self.limited_at:
-                self.limited_at[key] = now
-                self.hit.set()
-            return
-        await resp.json(200, completion())
+        key = key_sent(req) if is_chat(req) else ""
+        limited, now = key in self.limited, time.time()  # as the answer is made
+        await super().script(req, resp)
+        if limited and key not in self.limited_at:
+            self.limited_at[key] = now
+            self.hit.set()
 
 
 async def load(port: int, answered: list[int]) -> None:
@@ -98,7 +63,7 @@ async def load(port: int, answered: list[int]) -> None:
         try:
             while True:
                 n += 1
-                await client.send(chat(n))
+                await client.send(chat({"model": "test/model", "n": n}))
                 await client.response(b"POST", timeout=10.0)
                 answered[0] += 1
         finally:
@@ -160,10 +125,10 @@ async def test_kill_9_while_saving_never_loses_a_saved_rest_or_the_file(
         kind = KINDS[round_ % len(KINDS)]
         where = tmp_path / f"round{round_}"
         where.mkdir()
-        async with proxy_process(where, fake, ca_file, **kind.config(state)) as proxy:
+        async with proxy_process(where, fake.port, ca_file, **kind.config(state)) as proxy:
             context = (f"seed {seed}, round {round_}, after a kill ({KINDS[(round_ - 1) % 3].name})"
                        if round_ else f"seed {seed}, first start")
-            await check_start(proxy.port, proxy.stderr(), state, upstream, surely_saved,
+            await check_start(proxy.port, proxy.log(), state, upstream, surely_saved,
                               first=round_ == 0, context=context)
             if round_ == ROUNDS:
                 break
@@ -205,7 +170,7 @@ async def rest_and_kill(port: int, pid: int, proc: asyncio.subprocess.Process,
     answered = [0]
     clients = [asyncio.create_task(load(port, answered)) for _ in range(CLIENTS)]
     try:
-        await wait_until(lambda: answered[0] > 20, 10, "load")
+        await eventually(lambda: answered[0] > 20, 10, "load")
         upstream.limited.add(victim)
         upstream.hit.clear()
         await asyncio.wait_for(upstream.hit.wait(), 10)

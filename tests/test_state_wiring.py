@@ -17,7 +17,14 @@ from orproxy.config import build_config
 from orproxy.keys import KeyState, key_id
 from orproxy.state import FileStore, KeyRecord, Snapshot
 from tests.conftest import AUTH, KEYS, proxy_config
-from tests.fakeor import FakeOpenRouter, Recorded, Responder, completion, rate_limited_body
+from tests.fakeor import (
+    FakeOpenRouter,
+    Recorded,
+    Responder,
+    completion,
+    rate_limited_body,
+    reset_ms,
+)
 from tests.rawhttp import roundtrip
 
 pytestmark = pytest.mark.anyio
@@ -45,11 +52,11 @@ def key_sent(req: Recorded) -> str:
 async def test_a_resting_key_rests_after_a_restart(fake: FakeOpenRouter, ca_file: str,
                                                    tmp_path: Path) -> None:
     state = tmp_path / "state.json"
-    reset_ms = int((time.time() + 3600) * 1000)
+    reset = reset_ms(3600)
 
     async def script(req: Recorded, resp: Responder) -> None:
         if key_sent(req) == KEYS[0]:
-            await resp.json(429, rate_limited_body(reset_ms, DAILY))
+            await resp.json(429, rate_limited_body(reset, DAILY))
         else:
             await resp.json(200, completion())
 

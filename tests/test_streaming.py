@@ -13,6 +13,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 import h11
 import psutil
@@ -20,17 +21,9 @@ import pytest
 
 from orproxy.app import App
 from tests.conftest import ProxyFactory
-from tests.fakeor import FakeOpenRouter, Recorded, Responder, completion
-from tests.streamhelpers import (
-    LAST_CHUNK,
-    SSE_HEADERS,
-    StreamClient,
-    close_gracefully,
-    eventually,
-    gate,
-    header_values,
-    hold,
-)
+from tests.fakeor import FakeOpenRouter, Recorded, Responder, Script, completion
+from tests.rawhttp import LAST_CHUNK, RawClient, connected, header_values, refused
+from tests.streamhelpers import SSE_HEADERS, close_gracefully, eventually, gate, hold
 
 pytestmark = pytest.mark.anyio
 
@@ -66,12 +59,12 @@ def odd_pieces(stream: bytes) -> list[bytes]:
     return pieces
 
 
-def no_final_chunk(client: StreamClient) -> None:
+def no_final_chunk(client: RawClient) -> None:
     assert client.eof, "the proxy did not close the client connection"
     assert not bytes(client.raw).endswith(LAST_CHUNK), "a truncated body looked complete"
 
 
-async def completion_works(client: StreamClient) -> None:
+async def completion_works(client: RawClient) -> None:
     """A plain completion on this client connection comes back whole."""
     await client.request(b'{"model":"m"}')
     head = await client.head()
@@ -79,13 +72,23 @@ async def completion_works(client: StreamClient) -> None:
     assert json.loads(await client.body())["usage"]["total_tokens"] == 7
 
 
+def then_completions(fake: FakeOpenRouter, first: Script) -> Script:
+    """``first`` answers the first request; a plain completion every later one (what
+    ``ok_after`` and ``completion_works`` ask for)."""
+
+    async def script(req: Recorded, resp: Responder) -> None:
+        if len(fake.requests) == 1:
+            await first(req, resp)
+        else:
+            await resp.json(200, completion())
+
+    return script
+
+
 async def ok_after(port: int) -> None:
     """The proxy still serves a fresh client normally."""
-    client = await StreamClient.connect(port)
-    try:
+    async with connected(port) as client:
         await completion_works(client)
-    finally:
-        client.close()
 
 
 # --- 1. bytes ------------------------------------------------------------------------------
@@ -101,8 +104,7 @@ async def test_sse_bytes_pass_through_exactly(proxy: App, fake: FakeOpenRouter) 
         await resp.end()
 
     fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.request()
         head = await client.head()
         assert head.status_code == 200
@@ -113,8 +115,6 @@ async def test_sse_bytes_pass_through_exactly(proxy: App, fake: FakeOpenRouter) 
         assert header_values(head, b"content-length") == []
         assert await client.body() == SSE
         assert bytes(client.raw).endswith(LAST_CHUNK)
-    finally:
-        client.close()
     assert len(fake.requests) == 1
 
 
@@ -142,8 +142,7 @@ async def test_each_chunk_reaches_client_before_next_is_produced(
         await resp.end()
 
     fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.request()
         head = await client.head(timeout=5)  # the head alone, before any body byte exists
         assert head.status_code == 200
@@ -154,8 +153,6 @@ async def test_each_chunk_reaches_client_before_next_is_produced(
             assert produced == list(range(k + 1))
             received[k].set()
         assert await client.data() is None  # a proper end after the last piece
-    finally:
-        client.close()
 
 
 # --- 3. framing ----------------------------------------------------------------------------
@@ -195,15 +192,11 @@ async def upstream_framed(framing: str, resp: Responder) -> None:
 async def test_upstream_framings_reach_client_with_one_framing(
     proxy: App, fake: FakeOpenRouter, framing: str
 ) -> None:
-    async def script(req: Recorded, resp: Responder) -> None:
-        if len(fake.requests) == 1:
-            await upstream_framed(framing, resp)
-        else:
-            await resp.json(200, completion())
+    async def first(req: Recorded, resp: Responder) -> None:
+        await upstream_framed(framing, resp)
 
-    fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    fake.script = then_completions(fake, first)
+    async with connected(proxy.port) as client:
         await client.request()
         head = await client.head()
         assert head.status_code == 200
@@ -220,8 +213,6 @@ async def test_upstream_framings_reach_client_with_one_framing(
             assert bytes(client.raw).endswith(LAST_CHUNK)
         # the client connection stays usable whatever the upstream framing was
         await completion_works(client)
-    finally:
-        client.close()
 
 
 async def test_local_date_and_server_added_once(proxy: App, fake: FakeOpenRouter) -> None:
@@ -231,32 +222,25 @@ async def test_local_date_and_server_added_once(proxy: App, fake: FakeOpenRouter
         await resp.end()
 
     fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.request()
         head = await client.head()
         assert len(header_values(head, b"date")) == 1
         assert header_values(head, b"server") == [b"orproxy"]
         assert await client.body() == SSE
-    finally:
-        client.close()
 
 
 async def test_upstream_with_both_length_and_chunked_gets_one_framing(
     proxy: App, fake: FakeOpenRouter
 ) -> None:
-    async def script(req: Recorded, resp: Responder) -> None:
-        if len(fake.requests) == 1:
-            await resp.raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                           b"Content-Length: 999\r\nTransfer-Encoding: chunked\r\n\r\n"
-                           b"d\r\ndata: hello\n\n\r\n0\r\n\r\n")
-            await close_gracefully(resp)
-        else:
-            await resp.json(200, completion())
+    async def first(req: Recorded, resp: Responder) -> None:
+        await resp.raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                       b"Content-Length: 999\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"d\r\ndata: hello\n\n\r\n0\r\n\r\n")
+        await close_gracefully(resp)
 
-    fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    fake.script = then_completions(fake, first)
+    async with connected(proxy.port) as client:
         await client.request()
         head = await client.head()
         assert head.status_code == 200
@@ -264,8 +248,6 @@ async def test_upstream_with_both_length_and_chunked_gets_one_framing(
         assert len(cl) + len(te) == 1, head.headers
         assert cl in ([], [b"13"])  # never the upstream's false 999
         assert await client.body() == b"data: hello\n\n"
-    finally:
-        client.close()
     await ok_after(proxy.port)
 
 
@@ -277,6 +259,12 @@ BLOCKS = 1024  # 64 MiB
 
 def block(i: int) -> bytes:
     return i.to_bytes(4, "big") * (BLOCK // 4)
+
+
+def slow_reader(port: int) -> AbstractAsyncContextManager[RawClient]:
+    """A client with small buffers, keeping no raw bytes: it takes what the proxy sends only
+    as fast as the test reads."""
+    return connected(port, rcvbuf=16 * 1024, keep_raw=False, limit=16 * 1024)
 
 
 async def settled(value: Callable[[], int], quiet: float = 0.5, timeout: float = 15.0) -> int:
@@ -310,9 +298,7 @@ async def test_slow_reader_blocks_upstream_and_bounds_memory(
     fake.script = script
     process = psutil.Process()
     rss_before = process.memory_info().rss
-    client = await StreamClient.connect(proxy.port, rcvbuf=16 * 1024, keep_raw=False,
-                                        limit=16 * 1024)
-    try:
+    async with slow_reader(proxy.port) as client:
         await client.request()
         # the client reads nothing: the upstream must come to a stop far below 64 MiB
         stuck = await settled(lambda: written[0])
@@ -334,8 +320,6 @@ async def test_slow_reader_blocks_upstream_and_bounds_memory(
         assert size == BLOCK * BLOCKS
         assert got.hexdigest() == expected.hexdigest()
         assert written[0] == BLOCK * BLOCKS
-    finally:
-        client.close()
 
 
 async def stream_blocks(resp: Responder, written: list[int]) -> None:
@@ -364,9 +348,7 @@ async def test_close_delimited_body_survives_stalled_client(
         await close_gracefully(resp)
 
     fake.script = script
-    client = await StreamClient.connect(proxy.port, rcvbuf=16 * 1024, keep_raw=False,
-                                        limit=16 * 1024)
-    try:
+    async with slow_reader(proxy.port) as client:
         await client.request()
         await asyncio.wait_for(finished.wait(), 10)  # fits in the socket buffers on the way
         head = await client.head()
@@ -380,8 +362,6 @@ async def test_close_delimited_body_survives_stalled_client(
         assert total == size
         assert got.hexdigest() == hashlib.sha256(
             b"".join(block(i) for i in range(size // BLOCK))).hexdigest()
-    finally:
-        client.close()
 
 
 async def test_client_abort_while_backpressured_closes_upstream(
@@ -393,16 +373,12 @@ async def test_client_abort_while_backpressured_closes_upstream(
         await stream_blocks(resp, written)
 
     fake.script = script
-    client = await StreamClient.connect(proxy.port, rcvbuf=16 * 1024, keep_raw=False,
-                                        limit=16 * 1024)
-    try:
+    async with slow_reader(proxy.port) as client:
         await client.request()
         stuck = await settled(lambda: written[0], quiet=0.3)
         assert 0 < stuck < BLOCK * BLOCKS
         client.close()  # the proxy is waiting for the client to drain
         await fake.wait_closed(1, timeout=2.0)
-    finally:
-        client.close()
     assert written[0] < BLOCK * BLOCKS
 
 
@@ -426,17 +402,13 @@ async def test_client_that_never_reads_is_dropped_after_write_timeout(
         await stream_blocks(resp, written)
 
     fake.script = script
-    client = await StreamClient.connect(app.port, rcvbuf=16 * 1024, keep_raw=False,
-                                        limit=16 * 1024)
-    try:
+    async with slow_reader(app.port) as client:
         client_port = client.writer.get_extra_info("sockname")[1]
         assert proxy_side_sockets(app.port, client_port) == ["ESTABLISHED"]
         await client.request()
         await fake.wait_closed(1, timeout=3.0)  # the generation is cancelled upstream
         assert written[0] < BLOCK * BLOCKS
         await eventually(lambda: not proxy_side_sockets(app.port, client_port), timeout=2.0)
-    finally:
-        client.close()
 
 
 # --- 5. client aborts ----------------------------------------------------------------------
@@ -446,18 +418,14 @@ async def test_client_that_never_reads_is_dropped_after_write_timeout(
 async def test_client_abort_mid_stream_closes_upstream(
     proxy: App, fake: FakeOpenRouter, how: str
 ) -> None:
-    async def script(req: Recorded, resp: Responder) -> None:
-        if len(fake.requests) == 1:
-            await resp.head(200, SSE_HEADERS)
-            await resp.data(SSE_EVENTS[0])
-            await resp.data(SSE_EVENTS[2])
-            await hold(resp)  # a model still generating
-        else:
-            await resp.json(200, completion())
+    async def first(req: Recorded, resp: Responder) -> None:
+        await resp.head(200, SSE_HEADERS)
+        await resp.data(SSE_EVENTS[0])
+        await resp.data(SSE_EVENTS[2])
+        await hold(resp)  # a model still generating
 
-    fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    fake.script = then_completions(fake, first)
+    async with connected(proxy.port) as client:
         await client.request()
         assert (await client.head()).status_code == 200
         first = SSE_EVENTS[0] + SSE_EVENTS[2]
@@ -468,8 +436,6 @@ async def test_client_abort_mid_stream_closes_upstream(
         else:
             client.writer.close()
         await fake.wait_closed(1, timeout=2.0)
-    finally:
-        client.close()
     await ok_after(proxy.port)
     assert len(fake.requests) == 2  # the aborted request was not retried
     assert fake.requests[1].conn_id == 2
@@ -478,21 +444,15 @@ async def test_client_abort_mid_stream_closes_upstream(
 async def test_client_gone_before_upstream_answers_closes_upstream(
     proxy: App, fake: FakeOpenRouter
 ) -> None:
-    async def script(req: Recorded, resp: Responder) -> None:
-        if len(fake.requests) == 1:
-            await hold(resp)  # no head yet: the model is thinking
-        else:
-            await resp.json(200, completion())
+    async def first(req: Recorded, resp: Responder) -> None:
+        await hold(resp)  # no head yet: the model is thinking
 
-    fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    fake.script = then_completions(fake, first)
+    async with connected(proxy.port) as client:
         await client.request()
         await eventually(lambda: len(fake.requests) == 1)
         client.close()
         await fake.wait_closed(1, timeout=2.0)
-    finally:
-        client.close()
     await ok_after(proxy.port)
     assert len(fake.requests) == 2
 
@@ -506,19 +466,15 @@ async def test_upstream_reset_mid_stream_cuts_client_without_final_chunk(
     sent = SSE_EVENTS[0] + SSE_EVENTS[2] + SSE_EVENTS[3]
     client_has_them = asyncio.Event()
 
-    async def script(req: Recorded, resp: Responder) -> None:
-        if len(fake.requests) == 1:
-            await resp.head(200, SSE_HEADERS)
-            for k in (0, 2, 3):
-                await resp.data(SSE_EVENTS[k])
-            await gate(client_has_them)
-            resp.abort()
-        else:
-            await resp.json(200, completion())
+    async def first(req: Recorded, resp: Responder) -> None:
+        await resp.head(200, SSE_HEADERS)
+        for k in (0, 2, 3):
+            await resp.data(SSE_EVENTS[k])
+        await gate(client_has_them)
+        resp.abort()
 
-    fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    fake.script = then_completions(fake, first)
+    async with connected(proxy.port) as client:
         await client.request()
         head = await client.head()
         assert head.status_code == 200
@@ -527,8 +483,6 @@ async def test_upstream_reset_mid_stream_cuts_client_without_final_chunk(
         client_has_them.set()
         assert await client.truncated_body(timeout=3.0) == b""
         no_final_chunk(client)
-    finally:
-        client.close()
     await ok_after(proxy.port)
 
 
@@ -538,19 +492,15 @@ async def test_upstream_content_length_cut_short_cuts_client(
     client_has_it = asyncio.Event()
     part = b"x" * 300
 
-    async def script(req: Recorded, resp: Responder) -> None:
-        if len(fake.requests) == 1:
-            await resp.head(200, [(b"Content-Type", b"application/json"),
-                                  (b"Content-Length", b"1000")])
-            await resp.data(part)
-            await gate(client_has_it)
-            resp.abort()
-        else:
-            await resp.json(200, completion())
+    async def first(req: Recorded, resp: Responder) -> None:
+        await resp.head(200, [(b"Content-Type", b"application/json"),
+                              (b"Content-Length", b"1000")])
+        await resp.data(part)
+        await gate(client_has_it)
+        resp.abort()
 
-    fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    fake.script = then_completions(fake, first)
+    async with connected(proxy.port) as client:
         await client.request()
         head = await client.head()
         assert header_values(head, b"content-length") == [b"1000"]
@@ -559,8 +509,6 @@ async def test_upstream_content_length_cut_short_cuts_client(
         client_has_it.set()
         assert await client.truncated_body(timeout=3.0) == b""
         assert client.eof
-    finally:
-        client.close()
     await ok_after(proxy.port)
 
 
@@ -572,25 +520,19 @@ async def test_upstream_idle_timeout_mid_body_cuts_client(
 ) -> None:
     app = await make_proxy(timeouts={"upstream_idle_seconds": 0.5})
 
-    async def script(req: Recorded, resp: Responder) -> None:
-        if len(fake.requests) == 1:
-            await resp.head(200, SSE_HEADERS)
-            await resp.data(SSE_EVENTS[2])
-            await hold(resp)  # stalls, connection open
-        else:
-            await resp.json(200, completion())
+    async def first(req: Recorded, resp: Responder) -> None:
+        await resp.head(200, SSE_HEADERS)
+        await resp.data(SSE_EVENTS[2])
+        await hold(resp)  # stalls, connection open
 
-    fake.script = script
-    client = await StreamClient.connect(app.port)
-    try:
+    fake.script = then_completions(fake, first)
+    async with connected(app.port) as client:
         await client.request()
         assert (await client.head()).status_code == 200
         assert await client.read_exactly(len(SSE_EVENTS[2])) == SSE_EVENTS[2]
         assert await client.truncated_body(timeout=3.0) == b""
         no_final_chunk(client)
         await fake.wait_closed(1, timeout=2.0)
-    finally:
-        client.close()
     await ok_after(app.port)
 
 
@@ -600,15 +542,11 @@ async def test_upstream_first_byte_timeout_gives_504(
     app = await make_proxy(timeouts={"upstream_first_byte_seconds": 0.5},
                            retry={"max_attempts": 1})
 
-    async def script(req: Recorded, resp: Responder) -> None:
-        if len(fake.requests) == 1:
-            await hold(resp)  # never answers
-        else:
-            await resp.json(200, completion())
+    async def first(req: Recorded, resp: Responder) -> None:
+        await hold(resp)  # never answers
 
-    fake.script = script
-    client = await StreamClient.connect(app.port)
-    try:
+    fake.script = then_completions(fake, first)
+    async with connected(app.port) as client:
         await client.request()
         head = await client.head(timeout=3.0)
         assert head.status_code == 504
@@ -618,22 +556,11 @@ async def test_upstream_first_byte_timeout_gives_504(
         assert doc["error"]["code"] == 504
         assert isinstance(doc["error"]["message"], str) and doc["error"]["message"]
         await fake.wait_closed(1, timeout=2.0)
-    finally:
-        client.close()
     assert len(fake.requests) == 1
     await ok_after(app.port)
 
 
 # --- 8. graceful shutdown ------------------------------------------------------------------
-
-
-async def refused(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
-        return True
-    writer.transport.abort()
-    return False
 
 
 async def test_shutdown_lets_running_stream_finish(
@@ -656,8 +583,8 @@ async def test_shutdown_lets_running_stream_finish(
 
     fake.script = script
     port = proxy.port
-    idle = await StreamClient.connect(port)
-    client = await StreamClient.connect(port)
+    idle = await RawClient.connect(port)
+    client = await RawClient.connect(port)
     try:
         # an idle keep-alive connection: one complete exchange, then nothing
         await idle.request(b'{"model":"m"}')
@@ -701,8 +628,7 @@ async def test_shutdown_while_waiting_for_upstream_head_finishes_with_close(
         await resp.end()
 
     fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.request()
         await eventually(lambda: len(fake.requests) == 1)
         shutdown = asyncio.create_task(proxy.shutdown())
@@ -715,8 +641,6 @@ async def test_shutdown_while_waiting_for_upstream_head_finishes_with_close(
         assert await client.wait_eof(timeout=2.0) == b""
         await asyncio.wait_for(shutdown, 3.0)
         assert header_values(head, b"connection") == [b"close"]
-    finally:
-        client.close()
 
 
 async def test_shutdown_grace_cuts_stream_that_does_not_finish(
@@ -730,8 +654,7 @@ async def test_shutdown_grace_cuts_stream_that_does_not_finish(
         await hold(resp)
 
     fake.script = script
-    client = await StreamClient.connect(app.port)
-    try:
+    async with connected(app.port) as client:
         await client.request()
         assert (await client.head()).status_code == 200
         assert await client.read_exactly(len(SSE_EVENTS[2])) == SSE_EVENTS[2]
@@ -742,8 +665,6 @@ async def test_shutdown_grace_cuts_stream_that_does_not_finish(
         assert await client.truncated_body(timeout=2.0) == b""
         no_final_chunk(client)
         await fake.wait_closed(1, timeout=2.0)
-    finally:
-        client.close()
 
 
 # --- 9. upstream keep-alive ----------------------------------------------------------------
@@ -759,14 +680,11 @@ async def test_sequential_requests_reuse_one_upstream_connection(
         await resp.end()
 
     fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         for _ in range(2):
             await client.request()
             assert (await client.head()).status_code == 200
             assert await client.body() == SSE
-    finally:
-        client.close()
     assert fake.opened == 1
     assert [r.conn_id for r in fake.requests] == [1, 1]
 
@@ -777,17 +695,13 @@ async def test_response_cut_midway_is_not_pooled(
 ) -> None:
     app = await make_proxy(timeouts={"upstream_idle_seconds": 0.5})
 
-    async def script(req: Recorded, resp: Responder) -> None:
-        if len(fake.requests) == 1:
-            await resp.head(200, SSE_HEADERS)
-            await resp.data(SSE_EVENTS[2])
-            await hold(resp)  # the upstream itself would happily keep the connection
-        else:
-            await resp.json(200, completion())
+    async def first(req: Recorded, resp: Responder) -> None:
+        await resp.head(200, SSE_HEADERS)
+        await resp.data(SSE_EVENTS[2])
+        await hold(resp)  # the upstream itself would happily keep the connection
 
-    fake.script = script
-    client = await StreamClient.connect(app.port)
-    try:
+    fake.script = then_completions(fake, first)
+    async with connected(app.port) as client:
         await client.request()
         assert (await client.head()).status_code == 200
         assert await client.read_exactly(len(SSE_EVENTS[2])) == SSE_EVENTS[2]
@@ -796,8 +710,6 @@ async def test_response_cut_midway_is_not_pooled(
         else:
             await client.truncated_body(timeout=3.0)
         await fake.wait_closed(1, timeout=2.0)
-    finally:
-        client.close()
     await ok_after(app.port)
     assert fake.opened == 2
     assert [r.conn_id for r in fake.requests] == [1, 2]
@@ -813,16 +725,13 @@ async def test_upstream_connection_close_is_not_pooled_nor_forwarded(
         await resp.end()
 
     fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         for _ in range(2):
             await client.request()
             head = await client.head()
             assert head.status_code == 200
             assert header_values(head, b"connection") == []  # hop-by-hop: ours to decide
             assert await client.body() == SSE
-    finally:
-        client.close()
     assert [r.conn_id for r in fake.requests] == [1, 2]
 
 
@@ -836,8 +745,7 @@ async def test_pooled_connection_closed_by_upstream_while_idle_is_replaced(
         await resp.json(200, completion())
 
     fake.script = script
-    client = await StreamClient.connect(proxy.port)
-    try:
+    async with connected(proxy.port) as client:
         await client.request(b'{"model":"m"}')
         assert (await client.head()).status_code == 200
         await client.body()
@@ -846,8 +754,6 @@ async def test_pooled_connection_closed_by_upstream_while_idle_is_replaced(
         await client.request(b'{"model":"m"}')
         assert (await client.head()).status_code == 200
         assert json.loads(await client.body())["usage"]["total_tokens"] == 7
-    finally:
-        client.close()
     assert fake.opened == 2
     assert [r.conn_id for r in fake.requests] == [1, 2]
 
@@ -864,13 +770,10 @@ async def test_pooled_connection_dropped_on_reuse_is_retried_on_fresh(
         await resp.json(200, completion())
 
     fake.script = script
-    client = await StreamClient.connect(app.port)
-    try:
+    async with connected(app.port) as client:
         for _ in range(2):
             await client.request(b'{"model":"m"}')
             assert (await client.head()).status_code == 200
             assert json.loads(await client.body())["usage"]["total_tokens"] == 7
-    finally:
-        client.close()
     assert [r.conn_id for r in fake.requests] == [1, 1, 2]
     assert fake.opened == 2

@@ -106,8 +106,8 @@ class AttemptLoop:
         self.settings = settings
         self._on_attempt = on_attempt
         self._on_first_byte = on_first_byte
-        self._wall = wall
-        self._sleep = sleep
+        self.wall = wall  # injectable: tests drive time instead of waiting for it
+        self.sleep = sleep
         self.sticky: StickyMap | None = None  # conversations kept on their key
         self.sticky_moved = 0  # conversations whose key could not serve them
         self.failed_over_early = 0  # stream errors before content sent to the next key
@@ -135,7 +135,7 @@ class AttemptLoop:
                     soonest = self.keys.soonest(free=req.free)
                     raise NoKeyAvailable(*soonest) if soonest else NoKeyAvailable(None)
             if wait > 0:  # the upstream asked for patience, and another try follows
-                await self._sleep(wait)
+                await self.sleep(wait)
             started = self.keys.clock()
             try:
                 delivery = await self._attempt(req, key)
@@ -219,14 +219,14 @@ class AttemptLoop:
             return Verdict(Outcome.OK)
         if delivery.early_error is not None:
             code, envelope = delivery.early_error
-            verdict = classify(code or 502, [], envelope, self._wall())
+            verdict = classify(code or 502, [], envelope, self.wall())
             if verdict.outcome is Outcome.OK:  # a provider failure before any content:
                 verdict = Verdict(Outcome.OVERLOADED,  # another key may well succeed
                                   reason=f"stream error {code} before content" if code
                                   else "stream error before content",
                                   message=verdict.message)
         elif status in STATUSES_TO_CLASSIFY:
-            verdict = classify(status, delivery.response.headers, delivery.body, self._wall())
+            verdict = classify(status, delivery.response.headers, delivery.body, self.wall())
         else:
             return Verdict(Outcome.OK)
         self.apply(verdict, key)

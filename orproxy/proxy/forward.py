@@ -262,7 +262,7 @@ class Forwarder:
         if error is not None:
             verdict = None
             if error.code is not None and error.envelope is not None:
-                verdict = classify(error.code, [], error.envelope, services.attempts._wall())
+                verdict = classify(error.code, [], error.envelope, services.attempts.wall())
                 services.attempts.apply(verdict, key)
             reason = verdict.reason if verdict is not None and verdict.reason else (
                 f"in-band error {error.code}" if error.code else "in-band error")
