@@ -189,6 +189,7 @@ class KeyPool:
         self.wall = wall
         self.on_change: Callable[[KeyEvent], None] | None = None
         self._next_return = float("inf")  # earliest announced rest end: cheap return checks
+        self._free_rests_until = 0.0  # the latest end of any free-model rest
         self.reconfigure(keys, strategy=strategy, same=same)
 
     def reconfigure(self, keys: Sequence[tuple[str, str | None]], *, strategy: str,
@@ -287,6 +288,7 @@ class KeyPool:
                 continue
             if free_only:
                 k.free_until = until
+                self._free_rests_until = max(self._free_rests_until, until)
             else:
                 k.cooling_until = until
             k.reason, k.message = scrub(reason), scrub(message)
@@ -376,6 +378,11 @@ class KeyPool:
 
     # --- views ---------------------------------------------------------------------------------
 
+    def free_rests(self, now: float | None = None) -> bool:
+        """Some key rests for free models only: whether a request is for a free model
+        matters to which keys may serve it."""
+        return (self.clock() if now is None else now) < self._free_rests_until
+
     def soonest(self, now: float | None = None, *, free: bool = True,
                 ) -> tuple[float, str] | None:
         """Seconds until the first resting key returns for such a request, with
@@ -452,6 +459,7 @@ class KeyPool:
             if left > 0:
                 if record.free_only:
                     key.free_until = now + left
+                    self._free_rests_until = max(self._free_rests_until, now + left)
                 else:
                     key.cooling_until = now + left
                 key.reason, key.message, key._resting = record.reason, record.message, True

@@ -67,6 +67,8 @@ def route(target: bytes, public_endpoints: frozenset[bytes]) -> Route:
 def has_dot_segment(path: bytes) -> bool:
     """A ``.`` or ``..`` segment in the path as written, or once or twice percent-decoded,
     with backslashes read as slashes (some servers do)."""
+    if b"." not in path and b"%" not in path:
+        return False  # nothing to decode, no dot: the common case, decided at once
     for _ in range(3):
         if _DOT_SEGMENT.search(path.replace(b"\\", b"/")):
             return True

@@ -209,9 +209,11 @@ class AttemptLoop:
         self._on_attempt(outcome)
         if key is not None:
             self.keys.record_attempt(key, outcome, status, reason)
-        log.log(logging.DEBUG if outcome == "ok" else logging.INFO,
-                "attempt rid=%s n=%d key=%s outcome=%s ms=%.1f", req.request_id.decode(),
-                len(trace), attempt.key_id, outcome, attempt.seconds * 1000)
+        level = logging.DEBUG if outcome == "ok" else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "attempt rid=%s n=%d key=%s outcome=%s ms=%.1f",
+                    req.request_id.decode(), len(trace), attempt.key_id, outcome,
+                    attempt.seconds * 1000)
 
     def _verdict(self, delivery: Delivery, key: Key | None) -> Verdict:
         status = delivery.response.status_code

@@ -24,13 +24,13 @@ from orproxy.http.client_conn import ClientConnection
 from orproxy.http.routing import Route
 from orproxy.http.validate import BodyFraming
 from orproxy.keys import Key, scrub
-from orproxy.observe.usage import BodySummary, InflatingScanner, UsageScanner, scanner_for
+from orproxy.observe.usage import InflatingScanner, UsageScanner, scanner_for
 from orproxy.proxy.attempts import Delivery, UpstreamRequest
 from orproxy.proxy.local import After, error_answer, refuse
 from orproxy.proxy.models_cache import Fetched
 from orproxy.proxy.record import Outcome, RequestRecord
 from orproxy.proxy.relay import BodyRelay
-from orproxy.proxy.requestinfo import request_info
+from orproxy.proxy.requestinfo import NOTHING, request_info
 from orproxy.proxy.services import Services
 from orproxy.upstream.classify import Outcome as VerdictOutcome
 from orproxy.upstream.classify import classify
@@ -74,7 +74,12 @@ class Forwarder:
         headers = request.headers.raw_items()
         if services.config.metrics.enable_token_counting:
             headers = only_decodable_codings(headers)
-        info = request_info(request.method, headers, body)
+        # the body is read only when something depends on it: which keys may serve (free_only,
+        # free-model rests) or which key the conversation had (sticky sessions)
+        sticky = services.attempts.sticky is not None
+        info = (request_info(request.method, headers, body, conversation=sticky)
+                if sticky or services.config.openrouter.free_only or services.keys.free_rests()
+                else NOTHING)
         return UpstreamRequest(request.method, services.base_path + target.path, headers,
                                body, framing.framed, record.request_id, public,
                                model=info.model, conversation=info.conversation,
@@ -241,7 +246,11 @@ class Forwarder:
         """What the answer told us: tokens and cost by key and model, and an in-band error
         recorded (and, for a rate limit, the key rested for later requests)."""
         services = self._services
-        summary = scanner.result() if scanner is not None else BodySummary(None, None, None)
+        if scanner is None:  # nothing read (counting off, an error status, another type)
+            if key is not None and complete and 200 <= status < 300:
+                services.keys.record_success(key)
+            return
+        summary = scanner.result()
         usage = summary.usage
         if 200 <= status < 300:
             record.model = services.models.add(summary.model, usage)

@@ -26,7 +26,8 @@ NOTHING = RequestInfo(None, None)
 
 
 def request_info(method: bytes, headers: Sequence[tuple[bytes, bytes]],
-                 body: Sequence[bytes]) -> RequestInfo:
+                 body: Sequence[bytes], *, conversation: bool = True) -> RequestInfo:
+    """The model and, if asked, the conversation (naming it costs a hash)."""
     if method != b"POST" or not body or not _is_json(headers):
         return NOTHING
     whole = sum(map(len, body)) <= READ_BYTES
@@ -38,7 +39,7 @@ def request_info(method: bytes, headers: Sequence[tuple[bytes, bytes]],
         models = fields.get("models")
         model = models[0] if isinstance(models, list) and models and isinstance(
             models[0], str) else None
-    return RequestInfo(model, conversation_of(headers, fields))
+    return RequestInfo(model, conversation_of(headers, fields) if conversation else None)
 
 
 def _is_json(headers: Sequence[tuple[bytes, bytes]]) -> bool:

@@ -60,6 +60,7 @@ class UpstreamConnection:
         self._last_data = 0.0
         self._paused = False
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()  # connections are made in it
 
     def __repr__(self) -> str:
         return (f"<UpstreamConnection {self.state.value} {self.stage.value} "
@@ -142,13 +143,14 @@ class UpstreamConnection:
         or of a failure exactly once, unless it is replaced or stopped first."""
         self._consumer = consumer
         self._idle_timeout = idle_timeout
-        loop = asyncio.get_running_loop()
+        self._pump()
+        if self._consumer is not consumer:
+            return  # it was all here already: no timer, no socket reads
+        loop = self._loop
         self._last_data = loop.time()
         if self._idle_timer is None:
             self._idle_timer = loop.call_later(idle_timeout, self._check_idle)
-        self._pump()
-        if self._consumer is consumer:
-            self.stream.set_consumer(self._feed, self._end)
+        self.stream.set_consumer(self._feed, self._end)
 
     def pause(self) -> None:
         """Stop reading the socket (the consumer cannot take more now); not silence."""
@@ -169,7 +171,7 @@ class UpstreamConnection:
             self._idle_timer = None
 
     def _feed(self, data: bytes) -> None:
-        self._last_data = asyncio.get_running_loop().time()
+        self._last_data = self._loop.time()
         self._h11.receive_data(data)
         self._pump()
 
