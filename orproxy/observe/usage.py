@@ -520,20 +520,22 @@ def _scan_sse(head: bytes, tail: bytes | None) -> BodySummary:
 
 
 def _one_usage_event(text: bytes) -> BodySummary | None:
-    """The common stream, read by its one usage event alone: no error anywhere, one
-    ``"usage"``, LF line ends, not Anthropic's (whose usage is merged from two events).
-    None when the stream is not that simple: the full reading then decides. The same
-    answer as the full reading, at a fraction of its cost (it is paid once per stream, and
-    streams are long)."""
-    at = text.find(b'"usage"')
-    if (at < 0 or b"error" in text or b"\r" in text or text.find(b'"usage"', at + 1) >= 0
-            or b"message_start" in text):
+    """The common stream, read from its end alone: its last events hold one ``usage`` and
+    no error, with LF line ends, and it is not Anthropic's (whose usage merges two events).
+    An in-band error ends a stream (OpenRouter sends nothing after it but ``[DONE]``), so
+    an error anywhere shows in the end too. None when the stream is not that simple: the
+    full reading then decides. Paid once per stream; scanning the whole of a long stream
+    for a few words cost more than relaying it."""
+    end_part = text[-END_BYTES:]
+    at = end_part.rfind(b'"usage"')
+    if (at < 0 or end_part.find(b'"usage"', 0, at) >= 0 or b"error" in end_part
+            or b"\r" in end_part or b"message_start" in text[:START_BYTES]):
         return None
-    start = text.rfind(b"\n\n", 0, at)
-    end = text.find(b"\n\n", at)
-    if end < 0:
-        return None  # the usage event is not dispatched: leave it to the full reading
-    _, data = _fields(text[start + 2 if start >= 0 else 0:end])
+    start = end_part.rfind(b"\n\n", 0, at)
+    stop = end_part.find(b"\n\n", at)
+    if stop < 0 or (start < 0 and len(end_part) < len(text)):
+        return None  # not dispatched, or longer than the end part: the full reading
+    _, data = _fields(end_part[start + 2 if start >= 0 else 0:stop])
     doc = None if data is None else _loads(_text(data))
     if not isinstance(doc, dict):
         return None
@@ -542,6 +544,10 @@ def _one_usage_event(text: bytes) -> BodySummary | None:
     if raw is None or model is None:
         return None
     return BodySummary(_build_usage(raw), model, None)
+
+
+END_BYTES = 8192  # the last events of a stream: its usage event, an error if any
+START_BYTES = 2048  # Anthropic's streams start with message_start
 
 
 def _first_model(blocks: list[bytes]) -> str | None:
