@@ -385,6 +385,22 @@ def test_chat_stream_error_after_content_and_usage_after_it() -> None:
     assert summary.error.message == "Provider returned error"
 
 
+def test_an_error_with_a_comment_between_it_and_the_usage_event_is_seen() -> None:
+    # The quick reading looks for an error in the usage event and the two blocks before it.
+    head = CHAT_SSE[: CHAT_SSE.index(CHAT_USAGE_EVENT)]
+    body = head + chat_error_chunk(DAILY_LIMIT) + KEEPALIVE + CHAT_USAGE_EVENT
+    summary = scan(body, sse=True)
+    assert summary.usage == CHAT_EXPECTED
+    assert summary.error is not None and summary.error.code == 429
+
+
+def test_the_word_error_in_a_text_is_not_an_error() -> None:
+    text = chat_chunk({"content": "error: the error was an \"error\""})
+    head = CHAT_SSE[: CHAT_SSE.index(CHAT_USAGE_EVENT)]
+    summary = scan(head + event(text) + CHAT_USAGE_EVENT, sse=True)
+    assert (summary.usage, summary.error) == (CHAT_EXPECTED, None)
+
+
 def test_role_chunk_is_content() -> None:
     # By the definition used: any non-error data event other than [DONE] is content.
     body = event(chat_chunk({"role": "assistant", "content": ""})) + chat_error_chunk(DAILY_LIMIT)

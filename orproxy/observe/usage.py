@@ -156,8 +156,39 @@ class UsageScanner:
 
     def result(self) -> BodySummary:
         """Parse what was kept. Idempotent (it reads, never consumes); never raises."""
+        body_size = self.retained_bytes
+        if self._sse and not self._lost and body_size <= self._head_cap + self._tail_cap:
+            # the whole body is here: the common stream is read from its end alone
+            fast = _one_usage_event(self._last(END_BYTES), self._first(START_BYTES),
+                                    whole=body_size <= END_BYTES)
+            if fast is not None:
+                return fast
         head, tail = self._window()
         return _scan_sse(head, tail) if self._sse else _scan_json(head, tail)
+
+    def _last(self, size: int) -> bytes:
+        """The last ``size`` bytes of what was kept (all if shorter), joined from the
+        fewest chunks."""
+        parts: list[bytes | bytearray] = []
+        got = 0
+        for chunk in (*reversed(self._tail), *reversed(self._head)):
+            parts.append(chunk)
+            got += len(chunk)
+            if got >= size:
+                break
+        parts.reverse()
+        return b"".join(parts)[-size:]
+
+    def _first(self, size: int) -> bytes:
+        """The first ``size`` bytes of what was kept (all if shorter)."""
+        parts: list[bytes | bytearray] = []
+        got = 0
+        for chunk in (*self._head, *self._tail):
+            parts.append(chunk)
+            got += len(chunk)
+            if got >= size:
+                break
+        return b"".join(parts)[:size]
 
     def _window(self) -> tuple[bytes, bytes | None]:
         """(whole body, None) if it fits in head + tail, else (first head_cap, last tail_cap
@@ -494,10 +525,6 @@ def _has_data(block: bytes) -> bool:
 
 
 def _scan_sse(head: bytes, tail: bytes | None) -> BodySummary:
-    if tail is None:
-        fast = _one_usage_event(head)
-        if fast is not None:
-            return fast
     state = _StreamState()
     blocks = _blocks(head)
     rest = blocks.pop()
@@ -519,23 +546,30 @@ def _scan_sse(head: bytes, tail: bytes | None) -> BodySummary:
     return BodySummary(usage, state.model, state.error)
 
 
-def _one_usage_event(text: bytes) -> BodySummary | None:
-    """The common stream, read from its end alone: its last events hold one ``usage`` and
-    no error, with LF line ends, and it is not Anthropic's (whose usage merges two events).
-    An in-band error ends a stream (OpenRouter sends nothing after it but ``[DONE]``), so
-    an error anywhere shows in the end too. None when the stream is not that simple: the
-    full reading then decides. Paid once per stream; scanning the whole of a long stream
-    for a few words cost more than relaying it."""
-    end_part = text[-END_BYTES:]
-    at = end_part.rfind(b'"usage"')
-    if (at < 0 or end_part.find(b'"usage"', 0, at) >= 0 or b"error" in end_part
-            or b"\r" in end_part or b"message_start" in text[:START_BYTES]):
+def _one_usage_event(end: bytes, start: bytes, *, whole: bool) -> BodySummary | None:
+    """The common stream, read from its end alone: its last event with a ``usage`` key
+    holds usage and a model, no ``"error"`` is near it, the line ends are LF and it is not
+    Anthropic's (whose usage merges two events). ``end``: the body's last bytes (``whole``:
+    all of it); ``start``: its first bytes. An in-band error ends a stream (OpenRouter
+    sends nothing after it but ``[DONE]``), so it would lie in the usage event, the two
+    events before it or after it. None when the stream is not that simple: the full
+    reading then decides. Paid once per stream; scanning the whole of a long stream for a
+    few words cost more than relaying it."""
+    if whole and end.startswith(b"\xef\xbb\xbf"):
+        end = end[3:]
+    at = end.rfind(b'"usage"')
+    if at < 0 or b"\r" in end or b"message_start" in start:
         return None
-    start = end_part.rfind(b"\n\n", 0, at)
-    stop = end_part.find(b"\n\n", at)
-    if stop < 0 or (start < 0 and len(end_part) < len(text)):
-        return None  # not dispatched, or longer than the end part: the full reading
-    _, data = _fields(end_part[start + 2 if start >= 0 else 0:stop])
+    begin = end.rfind(b"\n\n", 0, at)
+    stop = end.find(b"\n\n", at)
+    if stop < 0 or (begin < 0 and not whole):
+        return None  # not dispatched, or it began before the end part: the full reading
+    near = end.rfind(b"\n\n", 0, begin) if begin > 0 else -1
+    near = end.rfind(b"\n\n", 0, near) if near > 0 else -1
+    # quoted, "error" is a key or a value, never words in a text (whose quotes are escaped)
+    if end.find(b'"error"', near + 1) >= 0:
+        return None
+    _, data = _fields(end[begin + 2 if begin >= 0 else 0:stop])
     doc = None if data is None else _loads(_text(data))
     if not isinstance(doc, dict):
         return None
