@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import sys
 from collections.abc import Callable
 from typing import cast
 
@@ -21,6 +22,9 @@ from orproxy.errors import StreamClosed, StreamTimeout, map_exceptions
 
 READ_HIGH_WATER = 256 * 1024
 WRITE_HIGH_WATER = 64 * 1024
+# From 3.12 a socket transport's writelines is a sendmsg of the buffers; before, a join.
+GATHER_WRITES = sys.version_info >= (3, 12)
+LARGE_WRITE = 16 * 1024  # worth a send of its own rather than a copy
 
 
 class Stream(asyncio.Protocol):
@@ -158,14 +162,29 @@ class Stream(asyncio.Protocol):
         transport.write(data)
 
     def writelines(self, parts: list[bytes]) -> None:
-        """Several buffers in one call, without joining them first."""
+        """Several buffers, sent together where that costs no copy of a large one."""
         if len(parts) == 1:
             self.write(parts[0])
             return
         transport = self.transport
         if transport is None or self._lost is not None or transport.is_closing():
             raise StreamClosed("write on a closed connection")
-        transport.writelines(parts)
+        if GATHER_WRITES:  # a sendmsg of the buffers as they are
+            transport.writelines(parts)
+            return
+        # Before 3.12 asyncio joins them, copying every byte (48 us for a 344 KB /models
+        # answer): small ones are joined, a large one goes in a write of its own.
+        small: list[bytes] = []
+        for part in parts:
+            if len(part) < LARGE_WRITE:
+                small.append(part)
+                continue
+            if small:
+                transport.write(b"".join(small))
+                small.clear()
+            transport.write(part)
+        if small:
+            transport.write(b"".join(small))
 
     @property
     def needs_drain(self) -> bool:

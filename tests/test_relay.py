@@ -30,6 +30,7 @@ from orproxy.headers import client_response_headers
 from orproxy.http.client_conn import ClientConnection
 from orproxy.http.validate import BodyFraming
 from orproxy.proxy.relay import BodyRelay
+from orproxy.stream import GATHER_WRITES, LARGE_WRITE
 from orproxy.upstream.connection import UpstreamConnection
 from tests.memstream import FakeTransport, make_stream, response, settle, virtual_time_loop
 
@@ -568,3 +569,19 @@ async def test_on_complete_is_not_called_for_a_body_cut_short() -> None:
     r.up_t.reset()
     assert isinstance(await outcome(done), UpstreamProtocolError)
     assert r.completed == []
+
+
+async def test_a_large_buffer_is_written_on_its_own_not_joined_with_the_head() -> None:
+    # Before 3.12 asyncio's writelines joins (a copy of every byte of a 344 KB answer);
+    # the small parts are joined, a large one is written as it is.
+    stream, transport = make_stream()
+    head, body, tail = b"H" * 200, b"B" * (LARGE_WRITE * 20), b"0\r\n\r\n"
+    stream.writelines([head, b"x", body, tail])
+    assert bytes(transport.written) == head + b"x" + body + tail
+    if GATHER_WRITES:
+        assert transport.writes == [head + b"x" + body + tail]
+    else:
+        assert transport.writes == [head + b"x", body, tail]
+    transport.writes.clear()
+    stream.writelines([head, tail])
+    assert transport.writes == [head + tail]
