@@ -106,6 +106,14 @@ def test_chat_error_chunk_before_content_is_an_error_classify_can_read() -> None
     assert verdict.rest_seconds == 3600.0
 
 
+def test_an_error_key_spelled_with_escapes_is_still_an_error() -> None:
+    # The undecoded commit of a plain content event must not skip this one.
+    spelled = ERROR_CHUNK.replace(b'"error"', b'"\\u0065rror"')
+    assert b'"error"' not in spelled
+    first = run(spelled + CONTENT)
+    assert first.decision is ERROR and envelope(first) == {"error": RATE_LIMIT_ERROR}
+
+
 @pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
 def test_line_ends_lf_crlf_and_cr(eol: bytes) -> None:
     stream = PROCESSING.replace(b"\n", eol) + ERROR_CHUNK.replace(b"\n", eol)

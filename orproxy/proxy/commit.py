@@ -27,6 +27,10 @@ KEEPALIVE_TYPES = frozenset({"ping"})  # Anthropic's keep-alive event: not a rea
 MESSAGE_CHARS = 300
 
 _EOL = re.compile(rb"[\r\n]")
+# An event without these can be neither an error nor a keep-alive, so the first content
+# event commits undecoded: keys and values are quoted, words inside a text have their
+# quotes escaped, and \u escapes (which could spell any of them) send it to the decoder.
+_MAYBE_NOT_CONTENT = re.compile(rb'"error"|failed"|"ping"|\\u')
 
 
 class Decision(enum.Enum):
@@ -122,6 +126,8 @@ def _judge(event: str, data: bytes) -> tuple[Decision, Any]:
     """One complete event → its decision, and the error object for ERROR."""
     if data == DONE:
         return Decision.COMMIT, None
+    if event not in ERROR_EVENTS and _MAYBE_NOT_CONTENT.search(data) is None:
+        return Decision.COMMIT, None  # what decoding it would say, for far less
     try:
         doc: Any = json.loads(data)
     except (ValueError, RecursionError):
