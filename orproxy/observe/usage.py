@@ -243,12 +243,14 @@ def scanner_for(content_type: bytes | None, content_encoding: bytes | None, *,
                 ) -> UsageScanner | InflatingScanner | None:
     """A scanner for a response with these headers, or None when there is nothing to read:
     a media type other than SSE or JSON, or a coding we cannot undo (br, zstd, several)."""
-    codings = [c.strip().lower() for c in (content_encoding or b"").split(b",")]
-    codings = [c for c in codings if c not in (b"", b"identity")]
-    if len(codings) > 1 or (codings and codings[0] not in DECODABLE):
-        return None
     if content_type is None:
         return None
+    codings = []
+    if content_encoding:
+        codings = [c.strip().lower() for c in content_encoding.split(b",")]
+        codings = [c for c in codings if c not in (b"", b"identity")]
+        if len(codings) > 1 or (codings and codings[0] not in DECODABLE):
+            return None
     media = content_type.split(b";", 1)[0].strip().lower()
     if media not in (b"text/event-stream", b"application/json"):
         return None
@@ -278,6 +280,7 @@ _FIELDS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("reasoning", (("completion_tokens_details", "reasoning_tokens"),
                    ("output_tokens_details", "reasoning_tokens"))),
 )
+_MISSING = object()
 _ANTHROPIC_MARKERS = ("cache_read_input_tokens", "cache_creation_input_tokens")
 
 
@@ -287,9 +290,11 @@ def _raw_usage(obj: object) -> _RawUsage | None:
         return None
     raw: _RawUsage = {}
     for name, paths in _FIELDS:
-        for path in paths:
-            found, value = _lookup(obj, path)
-            if found:
+        for path in paths:  # paths are one or two keys long
+            value = obj.get(path[0], _MISSING)
+            if len(path) > 1 and value is not _MISSING:
+                value = value.get(path[1], _MISSING) if isinstance(value, dict) else _MISSING
+            if value is not _MISSING:
                 raw[name] = _count(value)
                 break
     if "cost" in obj:
@@ -299,15 +304,6 @@ def _raw_usage(obj: object) -> _RawUsage | None:
     if any(marker in obj for marker in _ANTHROPIC_MARKERS):
         raw["anthropic"] = 1  # input_tokens leaves out the cache: add it back
     return raw
-
-
-def _lookup(obj: dict[str, Any], path: tuple[str, ...]) -> tuple[bool, object]:
-    value: object = obj
-    for key in path:
-        if not isinstance(value, dict) or key not in value:
-            return False, None
-        value = value[key]
-    return True, value
 
 
 def _count(value: object) -> int:
