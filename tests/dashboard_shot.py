@@ -105,6 +105,9 @@ class Upstream:
         auth = (req.header(b"authorization") or b"").removeprefix(b"Bearer ").decode()
         index = next(i for i, (secret, _) in enumerate(KEYS) if secret == auth)
         account = KEYS[index][1]
+        if req.method != b"POST":  # the proxy's own look-ups (/key, /models): not served here
+            await resp.json(404, {"error": {"code": 404, "message": "Not Found"}})
+            return
         body = req.json()
         model = BY_NAME[body["model"]]
         self.served[index] += 1
