@@ -30,6 +30,7 @@ import re
 import zlib
 from collections import deque
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 HEAD_BYTES = 16384
@@ -171,7 +172,7 @@ class UsageScanner:
         fewest chunks."""
         parts: list[bytes | bytearray] = []
         got = 0
-        for chunk in (*reversed(self._tail), *reversed(self._head)):
+        for chunk in chain(reversed(self._tail), reversed(self._head)):
             parts.append(chunk)
             got += len(chunk)
             if got >= size:
@@ -183,7 +184,7 @@ class UsageScanner:
         """The first ``size`` bytes of what was kept (all if shorter)."""
         parts: list[bytes | bytearray] = []
         got = 0
-        for chunk in (*self._head, *self._tail):
+        for chunk in chain(self._head, self._tail):
             parts.append(chunk)
             got += len(chunk)
             if got >= size:
