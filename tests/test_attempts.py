@@ -242,6 +242,7 @@ async def test_a_key_limited_429_rests_the_key_and_the_next_key_answers() -> Non
     assert w.key(A).message == "Rate limit exceeded: limit_rpm/m/1."
     assert json.loads(await take(w, delivery)) == {"id": "gen-1", "choices": []}
     assert w.dial.dials == 1  # the 429 was read whole: its connection carried the retry
+    assert w.loop.failed_over_early == 0  # no stream failed over: nothing to count
     assert_nothing_held(w)
 
 
@@ -278,6 +279,7 @@ async def test_an_answer_that_is_not_the_keys_fault_is_delivered_at_once() -> No
     assert outcomes(trace) == [(IDS[A], "ok")]
     assert delivery.response.status_code == 400
     assert (delivery.conn, delivery.ended) == (None, True)  # read whole, pooled again
+    assert delivery.pool is w.pool  # the pool it came from, even with no connection left
     assert json.loads(delivery.body)["error"]["message"] == "bad model"
     assert w.pool.snapshot().idle == 1
     assert w.state(A) is KeyState.AVAILABLE
@@ -832,6 +834,8 @@ async def test_an_error_event_before_content_goes_to_the_next_key() -> None:
     delivery, trace = await run(w)
     assert outcomes(trace) == [(IDS[A], "key_limited"), (IDS[B], "ok")]
     assert w.state(A) is KeyState.COOLING and w.loop.failed_over_early == 1
+    assert w.key(A).stats.errors_by_kind == {"429": 1}  # counted by the event's own code,
+    assert w.key(A).stats.rate_limited == 1  # not the 200 it came in
     assert w.dial.peers[0].transport.aborted  # closed: that generation stops (and its bill)
     assert delivery.key is w.key(B) and delivery.early_error is None
     assert delivery.body == CONTENT  # held, then delivered with the head
@@ -872,6 +876,7 @@ async def test_an_error_event_on_every_key_ends_the_stream_with_the_last_error()
     assert delivery.body == PROVIDER_EVENT and delivery.early_error == (
         502, b'{"error":{"code":502,"message":"provider fell over"}}')
     assert w.loop.failed_over_early == 2  # the third had no key left to go to
+    assert delivery.verdict.message == ""  # words (a str) only from an error classify knows
     assert_nothing_held(w)
 
 
@@ -926,6 +931,7 @@ async def test_a_stream_that_ends_while_held_is_delivered_whole() -> None:
     w = world({A: [stream(b": only a comment\n\n")]}, commit_seconds=5.0)
     delivery, _ = await run(w)
     assert (delivery.conn, delivery.ended, delivery.body) == (None, True, b": only a comment\n\n")
+    assert delivery.pool is w.pool  # the pool it came from, even with no connection left
     assert w.pool.snapshot().idle == 1
 
 
@@ -1000,3 +1006,99 @@ async def test_no_conversation_no_sticky_map_or_a_public_request_is_never_sticky
     public = replace(request(public=True, method=b"GET", body=b""), conversation="c")
     await take(w, (await run(w, public))[0])
     assert len(sticky) == 0 and sticky.misses == 0
+
+
+# --- edges the mutation run found unguarded -----------------------------------------------------
+
+
+async def test_a_failed_attempt_is_logged_with_the_request_id(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # protects: an attempt that raised is logged like any other (request id, key, outcome)
+    w = world({B: [[OK]]}, refuse=1)
+    with caplog.at_level(logging.INFO, logger="orproxy.proxy.attempts"):
+        await take(w, (await run(w))[0])
+    lines = [r.getMessage() for r in caplog.records if r.name == "orproxy.proxy.attempts"]
+    assert lines == [f"attempt rid=rid-1 n=1 key={IDS[A]} outcome=connect_error ms=0.0"]
+
+
+async def test_an_early_model_gone_event_without_a_code_is_counted_as_a_502_model_gone() -> None:
+    # protects: a codeless early error is classified as a 502 and counted by its outcome
+    event = b'data: {"error":{"message":"gone","availability":{"code":"free_variant_ended"}}}\n\n'
+    w = world({A: [stream(event, end=False)]}, commit_seconds=5.0)
+    delivery, trace = await run(w)
+    assert outcomes(trace) == [(IDS[A], "model_gone")]
+    assert delivery.early_error is not None and delivery.early_error[0] is None
+    assert w.key(A).stats.errors_by_kind == {"model_gone": 1}
+    assert w.key(A).stats.last_error == "502 free_variant_ended"
+    assert delivery.conn is not None
+    w.pool.discard(delivery.conn)
+
+
+async def test_a_wait_ending_exactly_at_the_deadline_still_starts_the_next_attempt() -> None:
+    # protects: only a wait that would start the next attempt *after* the deadline stops it
+    over = json_response(429, json.loads(OVERLOADED.split(b"\r\n\r\n", 1)[1]),
+                         [(b"Retry-After", b"50")])
+    w = world({A: [[over]], B: [[OK]]}, takes=10.0)
+    delivery, trace = await run(w)  # A: 100→110, then 50 s: B starts at 160, the deadline
+    assert outcomes(trace) == [(IDS[A], "overloaded"), (IDS[B], "ok")]
+    assert w.started == [100.0, 160.0]
+    await take(w, delivery)
+
+
+def big_overload(retry_after: int) -> list[Step]:
+    """A provider 429 whose body (JSON, then blank padding) is too large to hold whole."""
+    doc = json.loads(OVERLOADED.split(b"\r\n\r\n", 1)[1])
+    raw = response(429, json.dumps(doc).encode() + b" " * READ_AHEAD_BYTES,
+                   [(b"Content-Type", b"application/json"),
+                    (b"Retry-After", str(retry_after).encode())])
+    return pieces_of(raw, 16384)
+
+
+async def test_past_the_deadline_with_nothing_to_fall_back_on_the_soonest_key_is_named() -> None:
+    # protects: the deadline's NoKeyAvailable names the soonest key for this (free) request
+    w = world({A: [[limited(600, FREE_DAILY)]], B: [big_overload(55)]}, keys=(A, B),
+              takes=10.0, scope_free_rests=True)
+    exc, trace = await failure(w)  # A rests for free models; B: 110→120, then 55 s > 160
+    assert outcomes(trace) == [(IDS[A], "key_limited"), (IDS[B], "overloaded")]
+    assert isinstance(exc, NoKeyAvailable)
+    assert (exc.retry_after, exc.upstream_message) == (0.0, "")  # B: overloaded, not resting
+    assert_nothing_held(w)  # the body too large to hold was dropped
+
+
+async def test_past_the_deadline_with_every_key_disabled_meanwhile_no_time_is_named() -> None:
+    # protects: the deadline's NoKeyAvailable with no live key left gives no retry time
+    w = world(keys=(A,))
+
+    def script(received: Received) -> Sequence[Step]:
+        w.keys.disable(w.key(A), "401 invalid key")  # another request's 401, meanwhile
+        w.clock.advance(10.0)
+        return big_overload(55)
+
+    w.dial.script = script
+    exc, _ = await failure(w)
+    assert isinstance(exc, NoKeyAvailable) and exc.retry_after is None
+
+
+async def test_a_stream_silent_past_the_bound_commits_open_with_nothing_held() -> None:
+    # protects: a commit before any body byte leaves the stream open, for the relay to read
+    w = world({A: [stream(CONTENT, gap=1.0)]}, commit_seconds=0.5)
+    delivery, _ = await run(w)
+    assert (delivery.body, delivery.ended) == (b"", False) and delivery.conn is not None
+    assert await take(w, delivery) == CONTENT
+    assert_nothing_held(w)
+
+
+@pytest.mark.parametrize("held", ["read-ahead", "commit hold"])
+async def test_a_connection_lost_before_the_relay_reads_on_reports_the_body_cut_short(
+        held: str) -> None:
+    # protects: a paused delivery is detached from its first reader, so the relay sees the loss
+    answer = (pieces_of(error_body(400, 100_000), 16384) if held == "read-ahead"
+              else stream(CONTENT, CONTENT, gap=1.0))
+    w = world({A: [answer]}, commit_seconds=5.0)
+    delivery, _ = await run(w)
+    assert delivery.conn is not None and not delivery.ended
+    w.dial.peers[0].transport.lose()
+    await settle()
+    with pytest.raises(UpstreamProtocolError) as info:
+        await take(w, delivery)
+    assert "without sending complete message body" in str(info.value)

@@ -4,6 +4,7 @@ Anthropic)."""
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -194,7 +195,8 @@ def test_an_event_named_error_is_an_error_whatever_its_data(stream: bytes) -> No
 
 
 def test_error_status_only_for_an_int_http_status() -> None:
-    for code, status in ((429, 429), ("429", None), (True, None), (42, None), (4290, None)):
+    for code, status in ((429, 429), ("429", None), (True, None), (42, None), (4290, None),
+                         (100, 100), (599, 599), (99, None), (600, None)):
         first = run(data({"error": {"code": code, "message": "x"}}))
         assert first.decision is ERROR and first.error_status == status, code
 
@@ -202,6 +204,85 @@ def test_error_status_only_for_an_int_http_status() -> None:
 def test_a_utf8_bom_before_the_first_line_is_ignored() -> None:
     assert run(b"\xef\xbb\xbf" + ERROR_CHUNK).decision is ERROR
     assert run(b"\xef\xbb\xbf" + PROCESSING).decision is HOLD
+
+
+def test_a_bom_is_stripped_only_at_the_very_start() -> None:
+    # A BOM after a leading blank line starts an unknown field, so the error is not seen.
+    assert run(b"\n\xef\xbb\xbf" + ERROR_CHUNK).decision is HOLD
+
+
+def test_an_event_name_that_is_not_utf8_does_not_raise() -> None:
+    # Event names are decoded leniently: bad bytes neither raise nor make an error.
+    assert run(b"event: \xff\xfe\ndata: {}\n\n").decision is COMMIT
+    assert run(b'event: \xff\ndata: {"error":null}\n\n').decision is COMMIT
+
+
+def test_an_error_events_text_that_is_not_utf8_is_replaced() -> None:
+    # Non-JSON error text with bad bytes becomes U+FFFD in an ASCII envelope.
+    first = run(b"event: error\ndata: bad \xff\n\n")
+    assert first.decision is ERROR
+    assert first.error_envelope == b'{"error":{"message":"bad \\ufffd"}}'
+
+
+def test_non_object_json_is_content_unless_the_event_is_an_error() -> None:
+    # Lists and strings that merely look like errors commit; under `event: error` they fail.
+    for stream in (b'data: ["error"]\n\n', b'data: "\\u0041"\n\n'):
+        assert run(stream).decision is COMMIT, stream
+    first = run(b"event: error\ndata: [1]\n\n")
+    assert envelope(first) == {"error": {"message": "error event"}}
+
+
+@pytest.mark.parametrize("doc", [{"error": None}, {"text": "\u00e9"}, {"status": "failed"},
+                                 {"type": "ping", "index": 0}])
+def test_only_a_bare_ping_is_a_keep_alive(doc: dict[str, Any]) -> None:
+    # One-key objects and pings with more keys are real events.
+    assert run(data(doc, event="ping" if "index" in doc else None)).decision is COMMIT
+
+
+def test_responses_failed_named_only_by_the_event() -> None:
+    # `event: response.failed` without a type reads response.error, not the whole object.
+    doc = {"response": {"error": {"code": 429, "message": "slow"}}}
+    first = run(data(doc, event="response.failed"))
+    assert first.decision is ERROR and first.error_status == 429
+    assert envelope(first) == {"error": {"code": 429, "message": "slow"}}
+    typed = run(data({"type": "response.output", "message": "m"}, event="response.failed"))
+    assert envelope(typed) == {"error": {"message": "m"}}
+
+
+@pytest.mark.parametrize("response", [None, "gone", [1]])
+def test_responses_failed_without_a_response_object(response: Any) -> None:
+    # A missing or non-object `response` still gives a generic error, not a crash.
+    first = run(data({"type": "response.failed", "response": response}))
+    assert envelope(first) == {"error": {"message": "response failed"}}
+    assert envelope(run(data({"type": "response.failed"}))) == envelope(first)
+
+
+@pytest.mark.parametrize("error", ["Rate limited", [1, 2], 7])
+def test_an_error_that_is_not_an_object_is_kept_as_is(error: Any) -> None:
+    # A chat `error` that is a string, list or number passes through with no status.
+    first = run(data({"error": error}))
+    assert first.decision is ERROR and first.error_status is None
+    assert envelope(first) == {"error": error}
+
+
+def test_non_ascii_error_text_is_escaped_to_ascii() -> None:
+    # The envelope is ASCII JSON even when the upstream message is not.
+    first = run(data({"error": {"code": 503, "message": "Überlastet – 过载"}}))
+    assert first.decision is ERROR and first.error_status == 503
+    assert first.error_envelope is not None and first.error_envelope.isascii()
+    assert envelope(first) == {"error": {"code": 503, "message": "Überlastet – 过载"}}
+
+
+def test_an_error_too_deep_to_re_encode_gets_a_generic_envelope() -> None:
+    # Some nesting decodes but cannot be re-encoded one level deeper (on CPython 3.11 about
+    # 990 levels): a fixed envelope then.
+    seen: set[bytes] = set()
+    for depth in range(1, sys.getrecursionlimit() + 10):
+        first = run(b"event: error\ndata: " + b'{"a":' * depth + b"1" + b"}" * depth + b"\n\n",
+                    max_hold_bytes=1 << 20)
+        assert first.decision is ERROR and first.error_envelope is not None
+        seen.add(first.error_envelope)
+    assert b'{"error":{"message":"upstream error"}}' in seen
 
 
 # --- the hold limit and stickiness ----------------------------------------------------------
@@ -222,6 +303,13 @@ def test_an_error_event_ending_past_the_limit_is_not_waited_for() -> None:
     assert run(b"data: " + b"x" * 70_000 + b"\n\n").decision is COMMIT  # default 64 KiB
 
 
+def test_bytes_past_the_limit_in_a_later_feed_are_not_read() -> None:
+    # The window shrinks by what was fed: an error completed past the limit commits.
+    first = FirstEvent(max_hold_bytes=len(ERROR_CHUNK) - 1)
+    assert first.feed(ERROR_CHUNK[:-1]) is HOLD
+    assert first.feed(ERROR_CHUNK[-1:]) is COMMIT and first.error_envelope is None
+
+
 def test_a_decision_sticks() -> None:
     first = FirstEvent()
     assert first.feed(ERROR_CHUNK) is ERROR
@@ -236,6 +324,8 @@ def test_a_decision_sticks() -> None:
 def test_bad_limit_is_refused() -> None:
     with pytest.raises(ValueError):
         FirstEvent(max_hold_bytes=0)
+    with pytest.raises(ValueError, match=r"^max_hold_bytes must be at least 1$"):  # its message
+        FirstEvent(max_hold_bytes=-1)
 
 
 # --- any split gives the same answer -----------------------------------------------------------

@@ -131,6 +131,14 @@ def test_first_with_exclude_takes_the_next_usable() -> None:
     assert pool.acquire(exclude=[k0, k1, k2]) is None
 
 
+def test_random_never_picks_an_excluded_key() -> None:
+    # protects: the random strategy draws only among keys both usable and not excluded
+    pool = make_pool(3, strategy="random", seed=5)
+    first = pool.acquire()
+    assert first is not None
+    assert all(pool.acquire(exclude=[first]) is not first for _ in range(30))
+
+
 def test_random_is_the_seeded_rng_choice_over_usable_keys() -> None:
     pool = make_pool(4, strategy="random", seed=1234)
     expected = random.Random(1234)
@@ -557,3 +565,35 @@ def test_upstream_words_quoting_a_key_are_scrubbed_wherever_they_are_kept() -> N
             assert K0 not in text and K1 not in text and K1.upper() not in text
             assert K0[-12:] not in text
     assert pool.snapshot()[0].message.startswith(f"invalid key {mask_key(K0)} (also ")
+
+
+# --- free-model rests, exported and restored ------------------------------------------------------
+
+
+def test_free_rests_holds_strictly_before_the_latest_free_rest_ends() -> None:
+    # protects: free_rests() is False on a fresh pool and compares the given `now`, strictly
+    clock = FakeClock(now=0.0)
+    pool = make_pool(2, clock=clock)
+    assert not pool.free_rests() and not pool.free_rests(now=0.5)
+    pool.cool_down(handles(pool)[0], 60, "429 free", free_only=True)
+    assert pool.free_rests() and pool.free_rests(now=59.9)
+    assert not pool.free_rests(now=60.0) and not pool.free_rests(now=500.0)
+
+
+def test_a_free_only_rest_is_exported_as_free_only_however_near_its_end() -> None:
+    # protects: export() marks every free-only rest still running as free-only
+    pool = KeyPool([(K0, None)], clock=FakeClock(now=0.0), wall=lambda: 0.0)
+    (key,) = pool
+    pool.cool_down(key, 0.5, "429 free", free_only=True)
+    (saved,) = pool.export()
+    assert (saved.rest_until, saved.free_only) == (0.5, True)
+
+
+def test_a_restored_free_only_rest_counts_in_free_rests_until_it_ends() -> None:
+    # protects: restore() records where a free-only rest ends, for free_rests()
+    pool = KeyPool([(K0, None)], clock=FakeClock(now=0.0), wall=lambda: 1e6)
+    pool.cool_down(next(iter(pool)), 60, "429 free", free_only=True)
+    again = KeyPool([(K0, None)], clock=FakeClock(now=5.0), wall=lambda: 1e6)
+    assert again.restore(pool.export()) == 1
+    assert again.free_rests() and again.free_rests(now=64.9)
+    assert not again.free_rests(now=65.0)
