@@ -1054,14 +1054,15 @@ def big_overload(retry_after: int) -> list[Step]:
     return pieces_of(raw, 16384)
 
 
-async def test_past_the_deadline_with_nothing_to_fall_back_on_the_soonest_key_is_named() -> None:
-    # protects: the deadline's NoKeyAvailable names the soonest key for this (free) request
+async def test_past_the_deadline_with_nothing_to_fall_back_the_asked_wait_is_named() -> None:
+    # protects: the deadline's NoKeyAvailable says when to come back, never "now"
     w = world({A: [[limited(600, FREE_DAILY)]], B: [big_overload(55)]}, keys=(A, B),
               takes=10.0, scope_free_rests=True)
     exc, trace = await failure(w)  # A rests for free models; B: 110→120, then 55 s > 160
     assert outcomes(trace) == [(IDS[A], "key_limited"), (IDS[B], "overloaded")]
     assert isinstance(exc, NoKeyAvailable)
-    assert (exc.retry_after, exc.upstream_message) == (0.0, "")  # B: overloaded, not resting
+    # B is not resting but asked for 55 s: not sooner than that, in the provider's words
+    assert (exc.retry_after, exc.upstream_message) == (55.0, "Provider returned error")
     assert_nothing_held(w)  # the body too large to hold was dropped
 
 

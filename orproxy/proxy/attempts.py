@@ -173,7 +173,11 @@ class AttemptLoop:
                 if fallback is not None:
                     return fallback
                 soonest = self.keys.soonest(free=req.free)
-                raise NoKeyAvailable(*soonest) if soonest else NoKeyAvailable(None)
+                if soonest is None:
+                    raise NoKeyAvailable(None)
+                # not before the wait the upstream asked for, in its words if no key's
+                retry_after, words = soonest
+                raise NoKeyAvailable(max(retry_after, wait), words or verdict.message)
 
     def _conversation_key(self, req: UpstreamRequest) -> str | None:
         if self.sticky is None or req.conversation is None or req.public:
