@@ -585,3 +585,5 @@ async def test_a_large_buffer_is_written_on_its_own_not_joined_with_the_head() -
     transport.writes.clear()
     stream.writelines([head, tail])
     assert transport.writes == [head + tail]
+    stream.writelines([])  # an empty batch writes nothing
+    assert transport.writes == [head + tail]
