@@ -250,8 +250,8 @@ class _StateCollector(Collector):
                                          labels=["kind"])
         for kind, count in zip(TOKEN_KINDS, _tokens(total), strict=True):
             all_tokens.add_metric([kind], count)
-        all_cost = CounterMetricFamily("orproxy_cost_usd", "Cost of every answer, in US dollars")
-        all_cost.add_metric([], total.cost)
+        all_cost = CounterMetricFamily("orproxy_cost_usd", "Cost of every answer, in US dollars",
+                                       value=total.cost)
         yield from (requests, tokens, cost, all_tokens, all_cost)
 
     def _connection_metrics(self) -> Iterator[Metric]:
@@ -261,41 +261,40 @@ class _StateCollector(Collector):
         conns.add_metric(["idle"], snap.idle)
         conns.add_metric(["active"], snap.active)
         opened = CounterMetricFamily("orproxy_upstream_connections_opened", "Upstream "
-                                     "connections dialled")
-        opened.add_metric([], snap.opened)
+                                     "connections dialled",
+                                     value=snap.opened)
         dropped = CounterMetricFamily("orproxy_upstream_idle_dropped", "Idle upstream "
-                                      "connections closed because the upstream closed them")
-        dropped.add_metric([], snap.dropped_idle)
+                                      "connections closed because the upstream closed them",
+                                      value=snap.dropped_idle)
         listen = self._listener.snapshot()
         cap = GaugeMetricFamily("orproxy_client_connection_limit", "Client connections "
-                                "served at once (from max_connections and the open-file limit)")
-        cap.add_metric([], listen.cap)
+                                "served at once (from max_connections and the open-file limit)",
+                                value=listen.cap)
         paused = GaugeMetricFamily("orproxy_accept_paused", "1 while new connections wait in "
-                                   "the backlog")
-        paused.add_metric([], 1.0 if listen.paused else 0.0)
+                                   "the backlog",
+                                   value=1.0 if listen.paused else 0.0)
         stops = CounterMetricFamily("orproxy_accept_pauses", "Times accepting stopped",
                                     labels=["reason"])
         stops.add_metric(["connection_cap"], listen.paused_at_cap)
         stops.add_metric(["out_of_descriptors"], listen.exhausted)
         yield from (conns, opened, dropped, cap, paused, stops)
 
-
     def _proxy_metrics(self) -> Iterator[Metric]:
         counts = self._counts()
         conversations = GaugeMetricFamily("orproxy_sticky_conversations", "Conversations "
-                                          "remembered with their key")
-        conversations.add_metric([], counts.sticky_conversations)
+                                          "remembered with their key",
+                                          value=counts.sticky_conversations)
         sticky = CounterMetricFamily("orproxy_sticky_lookups", "Requests of a conversation by "
                                      "what the sticky map knew (hit: its key was known)",
                                      labels=["result"])
         sticky.add_metric(["hit"], counts.sticky_hits)
         sticky.add_metric(["miss"], counts.sticky_misses)
         moved = CounterMetricFamily("orproxy_sticky_moved", "Conversations whose key could "
-                                    "not serve them, moved to another key")
-        moved.add_metric([], counts.sticky_moved)
+                                    "not serve them, moved to another key",
+                                    value=counts.sticky_moved)
         failovers = CounterMetricFamily("orproxy_stream_failovers", "Streams that failed before "
-                                        "their first content and went to another key")
-        failovers.add_metric([], counts.stream_failovers)
+                                        "their first content and went to another key",
+                                        value=counts.stream_failovers)
         checks = CounterMetricFamily("orproxy_quota_checks", "Background GET /api/v1/key "
                                      "checks by result", labels=["result"])
         checks.add_metric(["ok"], counts.quota_checks_ok)
@@ -322,12 +321,12 @@ def _system_metrics() -> Iterator[Metric]:
     import psutil  # loaded on the first scrape, not at start
 
     cpu = GaugeMetricFamily("orproxy_system_cpu_utilization_ratio", "Whole-machine CPU "
-                            "use since the previous scrape (0-1)")
-    cpu.add_metric([], psutil.cpu_percent(interval=None) / 100.0)
+                            "use since the previous scrape (0-1)",
+                            value=psutil.cpu_percent(interval=None) / 100.0)
     memory = psutil.virtual_memory()
     used = GaugeMetricFamily("orproxy_system_memory_used_bytes", "Memory in use on the "
-                             "machine")
-    used.add_metric([], float(memory.total - memory.available))
-    total = GaugeMetricFamily("orproxy_system_memory_total_bytes", "Memory of the machine")
-    total.add_metric([], float(memory.total))
+                             "machine",
+                             value=float(memory.total - memory.available))
+    total = GaugeMetricFamily("orproxy_system_memory_total_bytes", "Memory of the machine",
+                              value=float(memory.total))
     yield from (cpu, used, total)
