@@ -34,6 +34,15 @@ from typing import Any, Self
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync")
+# Run in a page before its own scripts: alert() calls (an injected script would make
+# them) and Content-Security-Policy violations are collected for the test to read.
+TRAPS = """
+window.__alerts = [];
+window.alert = (m) => { window.__alerts.push(String(m)); };
+window.__violations = [];
+document.addEventListener('securitypolicyviolation',
+  (e) => window.__violations.push(e.violatedDirective + ' ' + e.blockedURI));
+"""
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
 

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from orproxy.app import App
-from tests.browser import Browser, Page
+from tests.browser import TRAPS, Browser, Page
 from tests.conftest import ACCESS_KEY, ProxyFactory, sample
 from tests.fakeor import FakeOpenRouter, Recorded, Responder, reset_ms
 from tests.rawhttp import Response, roundtrip
@@ -58,13 +58,6 @@ DAILY_LIMIT = ("Rate limit exceeded: free-models-per-day. Add 10 credits to unlo
                "free model requests per day")
 REST_SECONDS = 90.0
 REFRESH = "?refresh=0.2"
-INIT_SCRIPT = """
-window.__alerts = [];
-window.alert = (m) => { window.__alerts.push(String(m)); };
-window.__violations = [];
-document.addEventListener('securitypolicyviolation',
-  (e) => window.__violations.push(e.violatedDirective + ' ' + e.blockedURI));
-"""
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +231,7 @@ async def dashboard(browser: Browser, app: App, *,
                     ) -> AsyncIterator[Page]:
     """The dashboard, logged in, after its first refresh. On the way out: it threw
     nothing, opened no dialog, broke no CSP rule and asked nothing of another origin."""
-    tab = await browser.new_page(credentials=credentials, init_script=INIT_SCRIPT)
+    tab = await browser.new_page(credentials=credentials, init_script=TRAPS)
     try:
         await tab.set_viewport(1400, 900)
         await tab.goto(origin(app) + "/metrics" + REFRESH)

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import h11
 import pytest
 
-from tests.browser import Browser, BrowserError, Page
+from tests.browser import TRAPS, Browser, BrowserError, Page
 
 PAGE = Path(__file__).parent.parent / "orproxy" / "observe" / "dashboard.html"
 SCREENSHOT = "/tmp/orproxy-dashboard.png"
@@ -36,13 +36,6 @@ MODEL_XSS = "<script>alert(2)</script>/m"
 RAW_TEXT = ("# HELP orproxy_requests_total Requests answered <b>by route</b>\n"
             "# TYPE orproxy_requests_total counter\n"
             'orproxy_requests_total{route="chat",status="2xx"} 1234.0\n')
-INIT_SCRIPT = """
-window.__alerts = [];
-window.alert = (m) => { window.__alerts.push(String(m)); };
-window.__violations = [];
-document.addEventListener('securitypolicyviolation',
-  (e) => window.__violations.push(e.violatedDirective + ' ' + e.blockedURI));
-"""
 
 pytestmark = pytest.mark.anyio
 
@@ -240,7 +233,7 @@ async def server() -> AsyncIterator[MetricsServer]:
 @pytest.fixture
 async def page(browser: Browser, server: MetricsServer) -> AsyncIterator[Page]:
     """The dashboard, logged in, after its first successful refresh; it must throw nothing."""
-    tab = await browser.new_page(credentials=(USER, PASSWORD), init_script=INIT_SCRIPT)
+    tab = await browser.new_page(credentials=(USER, PASSWORD), init_script=TRAPS)
     try:
         await tab.set_viewport(1400, 900)
         await tab.goto(server.origin + "/metrics" + REFRESH)
@@ -458,7 +451,7 @@ async def test_a_failed_fetch_shows_the_banner_until_one_succeeds(
 
 
 async def test_no_request_leaves_the_origin(browser: Browser, server: MetricsServer) -> None:
-    tab = await browser.new_page(credentials=(USER, PASSWORD), init_script=INIT_SCRIPT)
+    tab = await browser.new_page(credentials=(USER, PASSWORD), init_script=TRAPS)
     try:
         # served under /metrics/ the data still comes from the absolute /metrics/json
         await tab.goto(server.origin + "/metrics/" + REFRESH)
