@@ -137,19 +137,11 @@ class Forwarder:
             log.warning("models list failed rid=%s: %s", req.request_id.decode(), exc.message)
             return error_answer(client, record, exc, Outcome.UPSTREAM_ERROR,
                                 close=services.draining)
-        if isinstance(answer, Fetched):
-            headers = client_response_headers(answer.headers, request_id=record.request_id,
-                                              close=services.draining)
-            status, body = answer.status, answer.body
-        else:
-            length = answer.content_length
-            headers = client_response_headers(
-                answer.headers + ([] if length is None else
-                                  [(b"Content-Length", str(length).encode())]),
-                request_id=record.request_id, close=services.draining)
-            status, body = answer.status, answer.body
-        if record.cors:
-            headers = cors.without_cors(headers) + record.cors
+        raw = answer.headers
+        if not isinstance(answer, Fetched) and answer.content_length is not None:
+            raw = [*raw, (b"Content-Length", str(answer.content_length).encode())]
+        headers = self._client_headers(raw, record)
+        status, body = answer.status, answer.body
         events: list[h11.Event] = [h11.Response(status_code=status, headers=headers)]
         if body and not head_only:
             events.append(h11.Data(data=body))
@@ -167,11 +159,7 @@ class Forwarder:
         services = self._services
         timeouts = services.config.timeouts
         resp, conn = delivery.response, delivery.conn
-        headers = client_response_headers(resp.headers.raw_items(),
-                                          request_id=record.request_id,
-                                          close=services.draining)
-        if record.cors:
-            headers = cors.without_cors(headers) + record.cors
+        headers = self._client_headers(resp.headers.raw_items(), record)
         scanner = self._scanner(resp)
 
         def send_head(body: bytes, ended: bool) -> None:
@@ -227,6 +215,12 @@ class Forwarder:
             account(False)  # a body cut short: what was seen of it still counts
         delivery.pool.release(conn)
         return After.CLOSE if services.draining else After.KEEP_ALIVE
+
+    def _client_headers(self, upstream: Headers, record: RequestRecord) -> Headers:
+        """An answer's headers as the client gets them: ours, and CORS if it asked."""
+        headers = client_response_headers(upstream, request_id=record.request_id,
+                                          close=self._services.draining)
+        return cors.without_cors(headers) + record.cors if record.cors else headers
 
     def _scanner(self, resp: h11.Response) -> UsageScanner | InflatingScanner | None:
         if not self._services.config.metrics.enable_token_counting:
