@@ -30,14 +30,20 @@ from orproxy.keys import Key, KeyPool
 from orproxy.proxy.commit import Decision, FirstEvent
 from orproxy.proxy.record import Attempt
 from orproxy.proxy.sticky import StickyMap
-from orproxy.upstream.classify import STATUSES_TO_CLASSIFY, Outcome, Scope, Verdict, classify
+from orproxy.upstream.classify import (
+    OK,
+    STATUSES_TO_CLASSIFY,
+    Outcome,
+    Scope,
+    Verdict,
+    classify,
+)
 from orproxy.upstream.connection import UpstreamConnection, may_resend
 from orproxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger(__name__)
 
 READ_AHEAD_BYTES = 64 * 1024  # an error body is read up to this before it is classified
-OK_VERDICT = Verdict(Outcome.OK)
 
 
 @dataclass(slots=True)
@@ -67,7 +73,7 @@ class Delivery:
     key: Key | None
     pool: UpstreamPool  # where conn goes back (a reload may have replaced the pool since)
     early_error: tuple[int | None, bytes] | None = None  # a stream's error before content
-    verdict: Verdict = OK_VERDICT  # what its answer meant for the key
+    verdict: Verdict = OK  # what its answer meant for the key
 
 
 @dataclass(frozen=True)
@@ -222,7 +228,7 @@ class AttemptLoop:
     def _verdict(self, delivery: Delivery, key: Key | None) -> Verdict:
         status = delivery.response.status_code
         if key is None:
-            return Verdict(Outcome.OK)
+            return OK
         if delivery.early_error is not None:
             code, envelope = delivery.early_error
             verdict = classify(code or 502, [], envelope, self.wall())
@@ -234,7 +240,7 @@ class AttemptLoop:
         elif status in STATUSES_TO_CLASSIFY:
             verdict = classify(status, delivery.response.headers, delivery.body, self.wall())
         else:
-            return Verdict(Outcome.OK)
+            return OK
         self.apply(verdict, key)
         return verdict
 
