@@ -313,12 +313,14 @@ class AttemptLoop:
         An error before any content may then still go to another key."""
         holder = _FirstEventHold(conn)
         conn.read_body(holder, self.settings.idle_timeout)
-        timer = asyncio.get_running_loop().call_later(self.settings.commit_seconds,
-                                                      holder.commit)
+        # the first event often came with the head: then there is nothing to wait for
+        timer = None if holder.done.done() else asyncio.get_running_loop().call_later(
+            self.settings.commit_seconds, holder.commit)
         try:
             await holder.done
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             if not holder.ended:
                 conn.stop_body()
         body = b"".join(holder.parts)
